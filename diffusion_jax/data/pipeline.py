@@ -1,0 +1,265 @@
+"""Deterministic, resumable, multi-host image input pipeline (TFDS + grain).
+
+Invariant: the global batch at step s depends only on (data config, seed), not
+on how many processes read it. All processes build the same infinite element
+stream (shuffle -> repeat -> per-element preprocessing keyed by global stream
+position), cut it into chunks of b_local = batch_size // process_count, and
+process p takes chunks p, p + P, p + 2P, ... So concatenating hosts 0..P-1's
+step-s batches in order gives the single-process step-s batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from diffusion_jax.data import builders
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Static facts about one split, as the pipeline yields it.
+
+  Attributes:
+    image_shape: (H, W, C) after any resize.
+    num_classes: number of label classes; 0 for unconditional datasets.
+    num_examples: number of examples in the split.
+  """
+
+  image_shape: tuple[int, int, int]
+  num_classes: int
+  num_examples: int
+
+
+def _fix_hint(name: str, data_dir: str) -> str:
+  return (
+      "Prepare it beforehand, e.g. `tfds build "
+      f"{name} --file_format=array_record --data_dir={data_dir}`, or set "
+      "data.data_dir to where it is prepared. Built-in datasets "
+      f"(prepared on demand): {sorted(builders.EMBEDDED)}."
+  )
+
+
+def _open_builder(name: str, data_dir: str | None):
+  """Returns a builder for prepared array_record dataset `name`, or raises."""
+  if name in builders.EMBEDDED:
+    return builders.prepare(name, data_dir)
+  where = data_dir or f"{tfds.core.constants.DATA_DIR} (TFDS default)"
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(
+        f"Unknown dataset {name!r}: not a TFDS dataset and not found in "
+        f"data_dir {where}. " + _fix_hint(name, where)
+    ) from None
+  if not builder.is_prepared():
+    raise ValueError(
+        f"Dataset {name!r} is not prepared in data_dir {where}; the "
+        "pipeline never downloads. " + _fix_hint(name, where)
+    )
+  if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+    raise ValueError(
+        f"Dataset {name!r} in data_dir {where} is stored as "
+        f"{builder.info.file_format.value}, but random access needs "
+        "array_record. " + _fix_hint(name, where)
+    )
+  return builder
+
+
+def get_source(
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    image_size: int | None = None,
+) -> tuple[Any, DatasetInfo]:
+  """Opens a random-access source over a prepared TFDS split.
+
+  Built-in names (`builders.EMBEDDED`) are prepared on demand; any other name
+  must already be prepared as array_record in `data_dir`.
+
+  Args:
+    name: TFDS dataset name, e.g. "sklearn_digits", "mnist", "celeb_a".
+    split: TFDS split, e.g. "train", "test", "train[:90%]".
+    data_dir: TFDS data dir; None means TFDS's default (`TFDS_DATA_DIR` or
+      ~/tensorflow_datasets).
+    image_size: if set, `info.image_shape` is (image_size, image_size, C).
+
+  Returns:
+    (source, info): `source[i]` is a dict of numpy arrays with at least
+    "image" (uint8 [H,W,C]).
+  """
+  data_dir = None if data_dir is None else os.fspath(data_dir)
+  builder = _open_builder(name, data_dir)
+  features = builder.info.features
+  if "image" not in features:
+    raise ValueError(f"Dataset {name!r} has no 'image' feature.")
+  height, width, channels = features["image"].shape
+  if features["image"].np_dtype != np.uint8:
+    raise ValueError(f"Dataset {name!r} images are not uint8.")
+  if image_size:
+    height = width = image_size
+  elif height is None or width is None:
+    raise ValueError(
+        f"Dataset {name!r} has variable-size images; set data.image_size."
+    )
+  label = features["label"] if "label" in features else None
+  num_classes = (
+      label.num_classes if isinstance(label, tfds.features.ClassLabel) else 0
+  )
+  source = builder.as_data_source(split=split)
+  info = DatasetInfo(
+      image_shape=(height, width, channels),
+      num_classes=num_classes,
+      num_examples=len(source),
+  )
+  return source, info
+
+
+def _center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H,W,C] -> uint8 [size,size,C]: central square, then bicubic resize."""
+  height, width, channels = image.shape
+  side = min(height, width)
+  top, left = (height - side) // 2, (width - side) // 2
+  image = image[top : top + side, left : left + side]
+  if side == size:
+    return image
+  # PIL wants 2-D arrays for single-channel images.
+  pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+  pil = pil.resize((size, size), Image.Resampling.BICUBIC)
+  return np.asarray(pil).reshape(size, size, channels)
+
+
+def _to_model_image(image: np.ndarray, image_size: int | None) -> np.ndarray:
+  """uint8 [H,W,C] -> float32 [H',W',C] in [-1, 1], resized if image_size."""
+  if image_size:
+    image = _center_crop_resize(image, image_size)
+  return image.astype(np.float32) / 127.5 - 1.0
+
+
+def _preprocess(
+    element: dict[str, Any],
+    rng: np.random.Generator,
+    *,
+    image_size: int | None,
+    random_flip: bool,
+    conditional: bool,
+) -> dict[str, np.ndarray]:
+  """Source element -> {"image": float32 [H,W,C], "label": int32 []}."""
+  image = _to_model_image(element["image"], image_size)
+  if random_flip and rng.random() < 0.5:
+    image = image[:, ::-1]
+  label = element["label"] if conditional else 0
+  return {"image": np.ascontiguousarray(image), "label": np.int32(label)}
+
+
+def _derive_seeds(seed: int) -> tuple[int, int]:
+  """(shuffle seed, augmentation seed), both uint32, from one user seed.
+
+  grain shuffles epoch e with seed + e, so raw seeds s and s + 1 would share
+  whole epochs; hashing the seed first keeps nearby seeds unrelated.
+  """
+  shuffle_seed, augment_seed = np.random.SeedSequence(seed).generate_state(2)
+  return int(shuffle_seed), int(augment_seed)
+
+
+def _get(config: Any, key: str, default: Any) -> Any:
+  value = getattr(config, key, default)
+  return default if value is None else value
+
+
+def make_train_iterator(
+    data_config: Any,
+    *,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DatasetIterator:
+  """Infinite iterator of this process's share of each global training batch.
+
+  Args:
+    data_config: attribute object (e.g. ConfigDict) with `name`, `data_dir`,
+      `split` ("train"), `batch_size` (global), `random_flip` (False),
+      `image_size` (0 = native), `num_threads` (0 = main thread), `prefetch`.
+    seed: fixes the shuffle order and augmentation; identical on all processes.
+    process_index, process_count: default to jax.process_index()/count().
+
+  Returns:
+    A grain DatasetIterator (JSON-serialisable `get_state()`, `set_state()`)
+    yielding {"image": float32 [b_local,H,W,C] in [-1, 1], "label": int32
+    [b_local]} forever, b_local = batch_size // process_count. Epochs are
+    reshuffled, and batches may straddle epoch boundaries.
+  """
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  batch_size = data_config.batch_size
+  if batch_size <= 0 or batch_size % process_count:
+    raise ValueError(
+        f"data.batch_size={batch_size} must be a positive multiple of the "
+        f"process count {process_count}."
+    )
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
+  image_size = _get(data_config, "image_size", 0) or None
+  source, info = get_source(
+      data_config.name,
+      _get(data_config, "split", "train"),
+      _get(data_config, "data_dir", None),
+      image_size=image_size,
+  )
+  shuffle_seed, augment_seed = _derive_seeds(seed)
+  preprocess = functools.partial(
+      _preprocess,
+      image_size=image_size,
+      random_flip=bool(_get(data_config, "random_flip", False)),
+      conditional=info.num_classes > 0,
+  )
+  local_batch = batch_size // process_count
+  # Index i of `ds` below is the i-th element of the global stream: a
+  # MapDataset shuffle indexed past its length (via repeat) uses a new
+  # permutation per epoch, and random_map seeds each element's rng by
+  # (augment_seed, i). Only then is the stream split between processes.
+  ds = (
+      grain.MapDataset.source(source)
+      .shuffle(seed=shuffle_seed)
+      .repeat()
+      .random_map(preprocess, seed=augment_seed)
+      .batch(local_batch, drop_remainder=True)
+  )[process_index::process_count]
+  read_options = grain.ReadOptions(
+      num_threads=_get(data_config, "num_threads", 0),
+      prefetch_buffer_size=_get(data_config, "prefetch", 0),
+  )
+  return iter(ds.to_iter_dataset(read_options))
+
+
+def load_arrays(
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    image_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+  """A whole (small) split in memory, in the split's stored order.
+
+  Returns:
+    images: float32 [N,H,W,C] in [-1, 1] (resized if image_size).
+    labels: int32 [N]; zeros for unconditional datasets.
+  """
+  source, info = get_source(name, split, data_dir, image_size=image_size)
+  elements = [source[i] for i in range(len(source))]
+  images = np.stack([_to_model_image(e["image"], image_size) for e in elements])
+  labels = np.asarray(
+      [e["label"] if info.num_classes else 0 for e in elements], np.int32
+  )
+  return images, labels

@@ -1,0 +1,90 @@
+"""Gaussian probability paths x_t = a(t)·x + b(t)·z, t ∈ [0, 1] (0 = data, 1 = noise).
+
+Every diffusion process of the notes is an instance of one form (seed 000,
+"generalized diffusion"; seed 004, the diffusion kernel q(x_t | x_0)):
+
+* rectified flow:  a = 1 - t,  b = t.
+* VP / DDPM, discrete T steps: a = sqrt(ᾱ_i), b = sqrt(1 - ᾱ_i) at t = i/T with
+  ᾱ_i = Π_{j≤i} (1 - β_j) and ᾱ_0 = 1; linear (Ho et al. 2020) or cosine (Nichol &
+  Dhariwal 2021) betas. Between grid points ᾱ is interpolated linearly in t, so a and
+  b are defined (and differentiable almost everywhere) for every t.
+
+A `Path` is a frozen dataclass, hashable, so it can be closed over by jitted code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KINDS = ("flow", "vp_discrete")
+BETA_SCHEDULES = ("linear", "cosine")
+
+
+def ddpm_betas(schedule: str, num_steps: int) -> np.ndarray:
+  """β_1..β_T (float64 [T]) for DDPM's linear or the improved-DDPM cosine schedule."""
+  if schedule == "linear":
+    # Ho et al. use 1e-4..0.02 for T=1000; scale so other T keep the same ᾱ_T.
+    scale = 1000.0 / num_steps
+    return np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64)
+  if schedule == "cosine":
+    s = 0.008
+    f = lambda u: np.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+    u = np.arange(num_steps + 1, dtype=np.float64) / num_steps
+    alpha_bar = f(u) / f(0.0)
+    return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], 0.999)
+  raise ValueError(f"diffusion.beta_schedule={schedule!r}: expected one of {BETA_SCHEDULES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Path:
+  """A Gaussian path. `kind` selects the instance; the rest parameterise it."""
+  kind: str = "flow"
+  num_steps: int = 1000           # T, discrete paths only
+  beta_schedule: str = "linear"   # discrete VP only
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"diffusion.path={self.kind!r}: expected one of {KINDS}")
+    if self.kind == "vp_discrete":
+      if self.num_steps < 1:
+        raise ValueError(f"diffusion.num_steps={self.num_steps} must be >= 1")
+      ddpm_betas(self.beta_schedule, 1)  # validates the name
+
+  @property
+  def discrete(self) -> bool:
+    return self.kind == "vp_discrete"
+
+  def alpha_bar_table(self) -> np.ndarray:
+    """ᾱ_0..ᾱ_T (float64 [T+1]) with ᾱ_0 = 1 (discrete VP only)."""
+    betas = ddpm_betas(self.beta_schedule, self.num_steps)
+    return np.concatenate([[1.0], np.cumprod(1.0 - betas)])
+
+  def ab(self, t):
+    """(a(t), b(t)) for t of any shape."""
+    t = jnp.asarray(t, jnp.float32)
+    if self.kind == "flow":
+      return 1.0 - t, t
+    grid = jnp.linspace(0.0, 1.0, self.num_steps + 1)
+    alpha_bar = jnp.interp(t, grid, jnp.asarray(self.alpha_bar_table(), jnp.float32))
+    return jnp.sqrt(alpha_bar), jnp.sqrt(1.0 - alpha_bar)
+
+  def ab_dot(self, t):
+    """(a'(t), b'(t)): time derivatives, by forward-mode differentiation of `ab`."""
+    t = jnp.asarray(t, jnp.float32)
+    _, (da, db) = jax.jvp(self.ab, (t,), (jnp.ones_like(t),))
+    return da, db
+
+  def snap(self, t):
+    """Rounds t to the path's time grid (identity for continuous paths)."""
+    if not self.discrete:
+      return t
+    return jnp.round(t * self.num_steps) / self.num_steps
+
+
+def from_config(cfg) -> Path:
+  """`config.diffusion` → Path."""
+  return Path(kind=cfg.path, num_steps=int(cfg.num_steps), beta_schedule=cfg.beta_schedule)

@@ -1,0 +1,25 @@
+"""Stateless flax.linen networks."""
+import jax.numpy as jnp
+
+from diffusion_jax.nets.unet import UNet
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype(name: str):
+  """Config dtype name → jnp dtype, with an error naming the key."""
+  if name not in DTYPES:
+    raise ValueError(f"model.dtype={name!r}: expected one of {sorted(DTYPES)}")
+  return DTYPES[name]
+
+
+def build_denoiser(model_cfg, out_channels: int, num_classes: int):
+  """config.model → a denoiser network (x, t, labels, train=) -> prediction."""
+  if model_cfg.name == "unet":
+    return UNet(out_channels=out_channels, channels=model_cfg.channels,
+                channel_mult=tuple(model_cfg.channel_mult),
+                num_res_blocks=model_cfg.num_res_blocks,
+                attn_resolutions=tuple(model_cfg.attn_resolutions),
+                num_heads=model_cfg.num_heads, dropout=model_cfg.dropout,
+                num_classes=num_classes, dtype=dtype(model_cfg.dtype))
+  raise ValueError(f"model.name={model_cfg.name!r}: expected one of ['unet']")

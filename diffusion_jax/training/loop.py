@@ -1,0 +1,170 @@
+"""The generic training loop. It knows nothing about any task.
+
+    config ─► data ─► global batch ─► compiled step ─► state ─► checkpoint
+                                            └─ metrics        └─► sampler ─► PNG grid
+
+Re-running on the same workdir resumes from the last checkpoint (state and data
+iterator), so N steps in one go equal N/2 + N/2 across a restart, bit for bit on CPU.
+SIGTERM (preemption) saves a checkpoint at the current step and returns cleanly.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from diffusion_jax import checkpoint, config as config_lib, data, io, parallel, writers
+from diffusion_jax.training import generate, tasks
+
+
+class _Preemption:
+  """Records SIGTERM; multi-host runs also ask JAX's preemption sync point, which
+  agrees on one step across hosts (it needs jax.distributed.initialize)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: leave signals alone
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+
+def dataset_info(config):
+  """DatasetInfo of config.data (image shape after the configured resize)."""
+  _, info = data.get_source(config.data.name, config.data.split, config.data.data_dir,
+                            image_size=config.data.image_size or None)
+  return info
+
+
+def keys(seed: int):
+  """(init_key, step_root, sample_key) from the one root key of config.seed."""
+  return tuple(jax.random.split(jax.random.key(seed), 3))
+
+
+def train(config, workdir: str):
+  """Trains config in workdir (resuming if it holds a checkpoint). Returns the state."""
+  config_lib.validate(config)
+  task = tasks.get(config.task)
+  mesh = parallel.make_mesh(config.mesh)
+  parallel.check_batch_size(config.data.batch_size, mesh)
+  info = dataset_info(config)
+  init_key, step_root, sample_key = keys(config.seed)
+
+  abstract = jax.eval_shape(lambda k: task.init(config, k, info), init_key)
+  shardings = parallel.state_shardings(mesh, abstract, config.mesh)
+  mngr = checkpoint.manager(workdir, max_to_keep=config.train.keep_checkpoints,
+                            async_save=config.train.async_checkpointing)
+  meta = {"config": config_lib.to_json(config),
+          "dataset": {"image_shape": list(info.image_shape), "num_classes": info.num_classes}}
+  data_iter = data.make_train_iterator(config.data, seed=config.seed)
+
+  latest = mngr.latest_step()
+  if latest is not None:
+    _check_compatible(mngr, latest, config, workdir)
+    state, data_state, _ = checkpoint.restore(mngr, latest, abstract, shardings)
+    data_iter.set_state(data_state)
+    logging.info("Resumed from %s at step %d.", mngr.directory, latest)
+  else:
+    state = jax.jit(lambda k: task.init(config, k, info), out_shardings=shardings)(init_key)
+
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_lib.to_json(config))
+
+  repl, batch_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  step_fn = jax.jit(task.train_step(config, info), in_shardings=(shardings, batch_sh, repl),
+                    out_shardings=(shardings, repl), donate_argnums=(0,))
+  sampler = generate.compile_sampler(task.sample(config, info))
+  writer = writers.MetricWriter(workdir)
+  num_steps, tc = config.train.num_steps, config.train
+  step = int(jax.device_get(state.step))
+
+  def save(step):
+    checkpoint.save(mngr, step, state, data_iter.get_state(), meta)
+
+  def sample_grid(step):
+    labels = generate.class_grid_labels(info.num_classes, config.sample.per_class)
+    images = generate.generate(sampler, state.ema_params, labels, sample_key, mesh)
+    if jax.process_index() == 0:
+      rows = info.num_classes or 8
+      path = io.save_grid(os.path.join(workdir, "samples", f"step_{step:07d}.png"), images, rows)
+      logging.info("Wrote samples to %s", path)
+
+  pending, t_last, s_last = [], time.time(), step
+  with _Preemption() as preemption:
+    while step < num_steps:
+      batch = parallel.host_to_global(next(data_iter), mesh)
+      state, metrics = step_fn(state, batch, jax.random.fold_in(step_root, step))
+      step += 1
+      pending.append(metrics)
+      if tc.on_nonfinite == "stop" and int(metrics["nonfinite"]):
+        mngr.wait_until_finished()
+        raise FloatingPointError(
+            f"non-finite loss or gradients at step {step} (config.train.on_nonfinite="
+            f"'stop'); the update was not applied and the checkpoints in "
+            f"{mngr.directory} are intact")
+      if step % tc.log_every == 0 or step == num_steps:
+        host = jax.device_get(pending)
+        means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        means["nonfinite"] = float(np.sum([m["nonfinite"] for m in host]))
+        now = time.time()
+        rate = (step - s_last) / max(now - t_last, 1e-9)
+        means["steps_per_sec"] = rate
+        writer.write(step, means)
+        if jax.process_index() == 0:
+          logging.info("step %d/%d  loss %.5f  %.2f steps/s  ETA %s", step, num_steps,
+                       means["loss"], rate, _eta((num_steps - step) / max(rate, 1e-9)))
+        pending, t_last, s_last = [], now, step
+      preempted = preemption.reached(step)
+      if preempted or step == num_steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
+        save(step)
+      if tc.sample_every and step % tc.sample_every == 0 and step != num_steps:
+        sample_grid(step)
+      if preempted:
+        logging.warning("Preempted: saved step %d; exiting.", step)
+        break
+  if step == num_steps:
+    if latest != num_steps:
+      sample_grid(step)
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.close()
+  return state
+
+
+def _check_compatible(mngr, step: int, config, workdir: str) -> None:
+  saved = config_lib.from_json(checkpoint.read_meta(mngr, step)["config"])
+  diffs = config_lib.structural_diff(saved, config)
+  if diffs:
+    raise ValueError(
+        f"workdir {workdir} holds a checkpoint (step {step}) from an incompatible config:\n  "
+        + "\n  ".join(diffs)
+        + "\nUse a new --workdir, or the checkpoint's values. Nothing was changed.")
+
+
+def _eta(seconds: float) -> str:
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f"{h:d}:{m:02d}:{s:02d}"

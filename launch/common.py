@@ -1,0 +1,34 @@
+"""Flags and start-up shared by the entry points: multi-host initialisation, logging,
+and turning configuration errors into one clear line instead of a traceback."""
+from __future__ import annotations
+
+import sys
+
+from absl import flags, logging
+
+from diffusion_jax import parallel
+
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() (auto-detects TPU pods, "
+    "SLURM and Open MPI; set automatically when --coordinator_address is given).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_CPU_COLLECTIVES = flags.DEFINE_string(
+    "cpu_collectives", None, "CPU cross-process collectives ('gloo') for multi-process CPU runs.")
+
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, FloatingPointError)
+
+
+def start() -> None:
+  """Initialises multi-host JAX when asked to; call first in main()."""
+  logging.set_verbosity(logging.INFO)
+  if _DISTRIBUTED.value or _COORDINATOR.value:
+    parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                        _CPU_COLLECTIVES.value)
+
+
+def fail(error: Exception) -> None:
+  """Exits with status 1 and the error's message on stderr."""
+  print(f"error: {error}", file=sys.stderr)
+  sys.exit(1)

@@ -1,0 +1,38 @@
+r"""Train any config.
+
+  diffusion-jax-train --config=configs/quickstart.py --workdir=/tmp/run \
+      [--config.optim.lr=3e-4 ...]
+
+Re-running the same command on the same workdir resumes from its last checkpoint;
+a larger --config.train.num_steps continues a finished run.
+"""
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from diffusion_jax.training import loop
+from diffusion_jax_launch import common
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created if missing).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.start()
+  try:
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    loop.train(_CONFIG.value, _WORKDIR.value)
+  except common.USER_ERRORS as e:
+    common.fail(e)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
