@@ -6,8 +6,8 @@ Every diffusion process of the notes is an instance of one form (seed 000,
 * rectified flow:  a = 1 - t,  b = t.
 * VP / DDPM, discrete T steps: a = sqrt(ᾱ_i), b = sqrt(1 - ᾱ_i) at t = i/T with
   ᾱ_i = Π_{j≤i} (1 - β_j) and ᾱ_0 = 1; linear (Ho et al. 2020) or cosine (Nichol &
-  Dhariwal 2021) betas. Between grid points ᾱ is interpolated linearly in t, so a and
-  b are defined (and differentiable almost everywhere) for every t.
+  Dhariwal 2021) betas. Between grid points a and b are interpolated linearly in t,
+  so they are defined (and differentiable almost everywhere) for every t.
 
 A `Path` is a frozen dataclass, hashable, so it can be closed over by jitted code.
 """
@@ -68,9 +68,13 @@ class Path:
     t = jnp.asarray(t, jnp.float32)
     if self.kind == "flow":
       return 1.0 - t, t
+    # a and b tables are computed in float64 (1 − ᾱ loses digits in float32 near t = 0)
+    # and interpolated separately: exact on the grid.
     grid = jnp.linspace(0.0, 1.0, self.num_steps + 1)
-    alpha_bar = jnp.interp(t, grid, jnp.asarray(self.alpha_bar_table(), jnp.float32))
-    return jnp.sqrt(alpha_bar), jnp.sqrt(1.0 - alpha_bar)
+    alpha_bar = self.alpha_bar_table()
+    a_tab = jnp.asarray(np.sqrt(alpha_bar), jnp.float32)
+    b_tab = jnp.asarray(np.sqrt(1.0 - alpha_bar), jnp.float32)
+    return jnp.interp(t, grid, a_tab), jnp.interp(t, grid, b_tab)
 
   def ab_dot(self, t):
     """(a'(t), b'(t)): time derivatives, by forward-mode differentiation of `ab`."""

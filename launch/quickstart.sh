@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs diffusion_jax into ./.venv (if not there yet) and runs the quickstart:
+# trains configs/quickstart.py on CPU, writes a PNG grid of class-conditional samples
+# and reports their accuracy under a classifier trained on the real digits.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/diffusion-jax-quickstart ]; then
+  python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+fi
+exec .venv/bin/diffusion-jax-quickstart "$@"

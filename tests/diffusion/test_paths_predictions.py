@@ -1,0 +1,95 @@
+"""Paths, predictions and time sampling against closed forms."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax.diffusion import paths, predictions, time_sampling
+from diffusion_jax.config import base
+
+PATHS = [paths.Path("flow"), paths.Path("vp_discrete", 1000, "linear"),
+         paths.Path("vp_discrete", 1000, "cosine")]
+
+
+def test_flow_is_linear_interpolation():
+  t = jnp.linspace(0, 1, 11)
+  a, b = paths.Path("flow").ab(t)
+  np.testing.assert_allclose(a, 1 - t)
+  np.testing.assert_allclose(b, t)
+  da, db = paths.Path("flow").ab_dot(t)
+  np.testing.assert_allclose(da, -1.0)
+  np.testing.assert_allclose(db, 1.0)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_discrete_marginal_equals_sequential_forward_steps(schedule):
+  """q(x_t | x_0) = N(sqrt(ᾱ_t) x_0, 1 − ᾱ_t) equals T sequential steps
+  x_i = sqrt(1 − β_i)·x_{i−1} + sqrt(β_i)·z_i (mean and variance recursions)."""
+  T = 1000
+  betas = paths.ddpm_betas(schedule, T)
+  mean_coef, var = 1.0, 0.0
+  path = paths.Path("vp_discrete", T, schedule)
+  for i, beta in enumerate(betas, start=1):
+    mean_coef = np.sqrt(1 - beta) * mean_coef
+    var = (1 - beta) * var + beta
+    if i in (1, 10, 500, 1000):
+      a, b = path.ab(i / T)
+      np.testing.assert_allclose(a, mean_coef, rtol=2e-4, atol=1e-6)
+      np.testing.assert_allclose(b ** 2, var, rtol=2e-4)
+  if schedule == "linear":
+    np.testing.assert_allclose([betas[0], betas[-1]], [1e-4, 0.02])
+  a0, b0 = path.ab(0.0)
+  assert (float(a0), float(b0)) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize("path,prediction", list(itertools.product(PATHS, predictions.PREDICTIONS)))
+def test_conversions_round_trip(path, prediction):
+  """target(x, z) converted back gives exactly (x, z)."""
+  kx, kz, kt = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (6, 4, 4, 1))
+  z = jax.random.normal(kz, (6, 4, 4, 1))
+  t = jax.random.uniform(kt, (6,), minval=0.05, maxval=0.95)
+  if path.discrete:
+    t = path.snap(t)
+  a, b = path.ab(t)
+  x_t = a[:, None, None, None] * x + b[:, None, None, None] * z
+  p = predictions.target(path, prediction, x, z, t)
+  x_hat, z_hat = predictions.to_x0_eps(path, prediction, p, x_t, t)
+  np.testing.assert_allclose(x_hat, x, atol=2e-4)
+  np.testing.assert_allclose(z_hat, z, atol=2e-4)
+  # velocity from (x̂₀, ε̂) is the time derivative of the path at fixed (x, z)
+  da, db = path.ab_dot(t)
+  v = predictions.velocity(path, x_hat, z_hat, t)
+  np.testing.assert_allclose(v, da[:, None, None, None] * x + db[:, None, None, None] * z,
+                             atol=2e-3)
+
+
+def test_time_samplers():
+  cfg = base().diffusion
+  path = paths.Path("vp_discrete", 100)
+  keys = jax.random.split(jax.random.key(0), 20000)
+  for kind in ("uniform", "logit_normal", "discrete"):
+    cfg.time_sampling = kind
+    t = np.asarray(jax.vmap(lambda k: time_sampling.sample_t(cfg, path, k))(keys))
+    assert t.min() >= 0 and t.max() <= 1
+    if kind == "uniform":
+      assert abs(t.mean() - 0.5) < 0.01 and abs(t.var() - 1 / 12) < 0.005
+    if kind == "logit_normal":  # logit(t) ~ N(0, 1)
+      logit = np.log(t / (1 - t))
+      assert abs(logit.mean()) < 0.03 and abs(logit.std() - 1) < 0.03
+    if kind == "discrete":
+      np.testing.assert_allclose(t * 100, np.round(t * 100), atol=1e-4)
+      assert t.min() >= 0.01
+  cfg.time_sampling, cfg.time_shift = "uniform", 3.0
+  t = np.asarray(jax.vmap(lambda k: time_sampling.sample_t(cfg, path, k))(keys[:5000]))
+  # shift k·t/(1+(k−1)t) moves mass towards noise: P(t' < 0.5) = P(t < 1/(k+1)) = 0.25
+  assert abs(np.mean(t < 0.5) - 0.25) < 0.02
+
+
+def test_bad_names_are_named():
+  with pytest.raises(ValueError, match="diffusion.path"):
+    paths.Path("nope")
+  with pytest.raises(ValueError, match="diffusion.prediction"):
+    predictions.coefficients(paths.Path("flow"), "nope", 0.5)
