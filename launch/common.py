@@ -17,7 +17,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _CPU_COLLECTIVES = flags.DEFINE_string(
     "cpu_collectives", None, "CPU cross-process collectives ('gloo') for multi-process CPU runs.")
 
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, FloatingPointError)
+USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError)
 
 
 def start() -> None:
@@ -28,7 +28,22 @@ def start() -> None:
                         _CPU_COLLECTIVES.value)
 
 
-def fail(error: Exception) -> None:
+def parse_flags(argv):
+  """absl flag parsing with config errors as one line: an unknown key in a
+  `--config.a.b=...` override surfaces from ml_collections as an AttributeError."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(e)
+  except (AttributeError, KeyError) as e:
+    detail = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    missing = detail.split("'")[0].split(" ")[0].strip("'\\")
+    named = [o for o in overrides if o.split(".")[-1] == missing] or overrides
+    fail(f"unknown config key {' '.join(named)}: {detail}")
+
+
+def fail(error) -> None:
   """Exits with status 1 and the error's message on stderr."""
   print(f"error: {error}", file=sys.stderr)
   sys.exit(1)

@@ -5,6 +5,10 @@ import os
 # Before JAX is imported anywhere: 8 virtual CPU devices (sharding tests need them).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# JAX's persistent compilation cache, shared by this process and every command-line
+# run the tests start: the same tiny programs compile once per machine, not per run.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(__import__("tempfile").gettempdir(), "diffusion_jax_jit_cache"))
 
 import pytest  # noqa: E402
 
@@ -52,3 +56,50 @@ TINY_FLAGS = [
     "--config.sample.num_steps=4", "--config.sample.per_class=1",
     "--config.optim.warmup_steps=2", "--config.train.log_every=2",
 ]
+
+
+def run_cli(script: str, args, *, devices: int = 1, timeout: float = 600, check: bool = True,
+            env=None):
+  """Runs `launch/<script>.py` in a fresh process with `devices` virtual CPU devices.
+  Returns the CompletedProcess; raises with the output tail when check fails."""
+  import subprocess
+  import sys
+  e = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+           JAX_PLATFORMS="cpu", **(env or {}))
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", f"{script}.py"), *args],
+                        capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"{script} {args} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+  return proc
+
+
+def quickstart_args(workdir, data_dir, *extra):
+  """Command-line args for the tiny quickstart-shaped run."""
+  return [f"--config={os.path.join(ROOT, 'configs', 'quickstart.py')}", f"--workdir={workdir}",
+          f"--config.data.data_dir={data_dir}", *TINY_FLAGS, *extra]
+
+
+def read_metrics(workdir):
+  import json
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def load_state(workdir, step=None):
+  """(params, ema_params) of a run's checkpoint as numpy pytrees."""
+  import jax
+  from diffusion_jax.training import generate
+  _, _, state, _, _ = generate.load_run(str(workdir), step)
+  return jax.device_get(state.params), jax.device_get(state.ema_params)
+
+
+def assert_trees_equal(a, b, rtol=0.0, atol=0.0):
+  import jax
+  import numpy as np
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(la, lb):
+    if rtol == 0 and atol == 0:
+      np.testing.assert_array_equal(x, y)
+    else:
+      np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)

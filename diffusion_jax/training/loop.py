@@ -87,7 +87,7 @@ def train(config, workdir: str):
     data_iter.set_state(data_state)
     logging.info("Resumed from %s at step %d.", mngr.directory, latest)
   else:
-    state = jax.jit(lambda k: task.init(config, k, info), out_shardings=shardings)(init_key)
+    state = _compile_init(lambda k: task.init(config, k, info), shardings, init_key)(init_key)
 
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -152,6 +152,16 @@ def train(config, workdir: str):
   mngr.close()
   writer.close()
   return state
+
+
+def _compile_init(init_fn, shardings, key):
+  """jit of the state initialiser, placed on its shardings. It runs once, so on CPU
+  it is compiled without LLVM optimisation (XLA's CPU compile of the random
+  initialisers dominates start-up otherwise: ~20 s → ~4 s for a small U-Net)."""
+  lowered = jax.jit(init_fn, out_shardings=shardings).lower(key)
+  if jax.default_backend() == "cpu":
+    return lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
+  return lowered.compile()
 
 
 def _check_compatible(mngr, step: int, config, workdir: str) -> None:

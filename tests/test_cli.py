@@ -1,0 +1,156 @@
+"""The real command lines, end to end: train, resume, kill -9, sample, bad input.
+
+Runs that are compared bitwise use a constant learning-rate schedule: a cosine
+schedule depends on train.num_steps, which the resume tests change on purpose."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, assert_trees_equal, load_state, read_metrics, run_cli
+from conftest import quickstart_args as _quickstart_args
+
+
+def quickstart_args(workdir, data_dir, *extra):
+  return _quickstart_args(workdir, data_dir, "--config.optim.schedule=constant", *extra)
+
+
+@pytest.fixture(scope="module")
+def full_run(data_dir, tmp_path_factory):
+  """8 steps in one go (checkpoints at 4 and 8)."""
+  w = tmp_path_factory.mktemp("full")
+  run_cli("train", quickstart_args(w, data_dir, "--config.train.num_steps=8",
+                                   "--config.train.checkpoint_every=4"))
+  return w
+
+
+def test_workdir_layout(full_run):
+  w = full_run
+  assert sorted(os.listdir(w / "checkpoints")) == ["4", "8"]
+  assert (w / "samples" / "step_0000008.png").exists()
+  config = json.loads((w / "config.json").read_text())
+  assert config["train"]["num_steps"] == 8
+  steps = [m["step"] for m in read_metrics(w)]
+  assert steps == [2, 4, 6, 8]
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(w / "tensorboard"))
+  assert not [d for d in os.listdir(w / "checkpoints") if "tmp" in d]
+
+
+def test_resume_is_exact(full_run, data_dir, tmp_path):
+  """4 steps, exit, then the same command with num_steps=8: bitwise equal to 8 in one go."""
+  run_cli("train", quickstart_args(tmp_path, data_dir, "--config.train.num_steps=4",
+                                   "--config.train.checkpoint_every=4"))
+  run_cli("train", quickstart_args(tmp_path, data_dir, "--config.train.num_steps=8",
+                                   "--config.train.checkpoint_every=4"))
+  assert_trees_equal(load_state(tmp_path), load_state(full_run))
+  losses = {m["step"]: m["loss"] for m in read_metrics(tmp_path)}
+  assert losses == {m["step"]: m["loss"] for m in read_metrics(full_run)}
+
+
+def test_kill_9_resumes_from_last_complete_checkpoint(full_run, data_dir, tmp_path):
+  """kill -9 at a random moment of a run that checkpoints every step; the rerun
+  resumes from the last complete checkpoint and ends bitwise equal."""
+  args = quickstart_args(tmp_path, data_dir, "--config.train.num_steps=8",
+                         "--config.train.checkpoint_every=1")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "train.py"), *args],
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  # Wait until training is under way (first checkpoint), then kill at a random moment.
+  deadline = time.time() + 300
+  while not (tmp_path / "checkpoints" / "1").exists() and time.time() < deadline:
+    time.sleep(0.05)
+  time.sleep(random.uniform(0.0, 1.0))
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  run_cli("train", args)
+  assert_trees_equal(load_state(tmp_path), load_state(full_run))
+  left = os.listdir(tmp_path / "checkpoints")
+  assert not [d for d in left if "tmp" in d], left
+
+
+def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
+  args = quickstart_args(tmp_path, data_dir, "--config.train.num_steps=100000",
+                         "--config.train.checkpoint_every=0", "--config.train.log_every=1")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "train.py"), *args],
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  saved = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+  assert len(saved) == 1 and 0 < saved[0] < 100000
+  assert "Preempted" in err
+
+
+def test_larger_num_steps_continues_a_finished_run(full_run, data_dir, tmp_path):
+  import shutil
+  shutil.copytree(full_run, tmp_path / "w")
+  run_cli("train", quickstart_args(tmp_path / "w", data_dir, "--config.train.num_steps=10",
+                                   "--config.train.checkpoint_every=4"))
+  assert "10" in os.listdir(tmp_path / "w" / "checkpoints")
+  assert [m["step"] for m in read_metrics(tmp_path / "w")][-2:] == [8, 10]
+
+
+def test_sample_deterministic_and_device_independent(full_run, tmp_path):
+  outs = []
+  for devices, name in ((1, "a"), (1, "b"), (8, "c")):
+    out = tmp_path / f"{name}.npz"
+    run_cli("sample", [f"--workdir={full_run}", "--num_samples=10", f"--output={out}",
+                       "--labels=3,7", "--seed=5", "--grid"], devices=devices)
+    outs.append(np.load(out))
+  for o in outs:
+    assert o["images"].shape == (10, 8, 8, 1) and o["images"].dtype == np.uint8
+    np.testing.assert_array_equal(o["labels"], [3, 7] * 5)
+  np.testing.assert_array_equal(outs[0]["images"], outs[1]["images"])
+  # 8 devices vs 1: same up to float tolerance (one uint8 level)
+  diff = np.abs(outs[0]["images"].astype(int) - outs[2]["images"].astype(int))
+  assert diff.max() <= 1
+  assert (tmp_path / "a.png").exists()
+  other = tmp_path / "d.npz"
+  run_cli("sample", [f"--workdir={full_run}", "--num_samples=10", f"--output={other}",
+                     "--labels=3,7", "--seed=6", "--sampler=ddim", "--steps=3", "--guidance=0"])
+  assert not np.array_equal(np.load(other)["images"], outs[0]["images"])
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--config.optim.lrr=1"], "lrr"),
+    (["--config.optim.lr=abc"], "optim.lr"),
+    (["--config.data.name=no_such_dataset"], "no_such_dataset"),
+    (["--config.data.batch_size=12"], "data.batch_size"),
+    (["--config.diffusion.path=bogus"], "diffusion.path"),
+])
+def test_bad_input_is_named(data_dir, tmp_path, extra, message):
+  proc = run_cli("train", quickstart_args(tmp_path, data_dir, *extra), devices=8, check=False)
+  assert proc.returncode != 0
+  assert message in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr.split("error:")[-1]
+
+
+def test_missing_config_file(tmp_path):
+  proc = run_cli("train", [f"--config={tmp_path}/nope.py", f"--workdir={tmp_path}"], check=False)
+  assert proc.returncode != 0 and "nope.py" in proc.stderr
+
+
+def test_incompatible_checkpoint_is_refused_and_kept(full_run, data_dir, tmp_path):
+  import shutil
+  w = tmp_path / "w"
+  shutil.copytree(full_run, w)
+  before = {p: (w / p).read_bytes() for p in ("config.json", "metrics.jsonl")}
+  proc = run_cli("train", quickstart_args(w, data_dir, "--config.model.channels=16"),
+                 check=False)
+  assert proc.returncode != 0
+  assert "model.channels" in proc.stderr and "incompatible" in proc.stderr
+  assert sorted(os.listdir(w / "checkpoints")) == ["4", "8"]
+  assert {p: (w / p).read_bytes() for p in before} == before
+  assert_trees_equal(load_state(w), load_state(full_run))

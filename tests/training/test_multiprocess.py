@@ -1,0 +1,133 @@
+"""Two processes joined by jax.distributed.initialize (gloo over loopback) train exactly
+like one process with the same global device count, through the real command line.
+
+Both processes share one --workdir (a shared filesystem, as on a pod): process 0 writes
+metrics.jsonl; orbax writes one checkpoint from both. The reference is one process with
+2 devices, so the mesh (data=2) is the same and only the process split differs.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, TINY_FLAGS
+
+STEPS = 6
+TIMEOUT_S = 300
+# Both sides get the same XLA flags. LLVM -O0 cuts the CPU compile of the tiny model
+# ~2x (the processes compile concurrently on 2 cores); numerics are those of the same
+# HLO, and the comparison is between runs that share these flags.
+XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def _free_port() -> int:
+  try:
+    import portpicker
+    return portpicker.pick_unused_port()
+  except ImportError:
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      return s.getsockname()[1]
+
+
+def _train_command() -> list[str]:
+  script = os.path.join(os.path.dirname(sys.executable), "diffusion-jax-train")
+  if os.path.exists(script):
+    return [script]
+  return [sys.executable, os.path.join(ROOT, "launch", "train.py")]
+
+
+def _start(workdir, data_dir, log_path, devices, extra=()):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {XLA_FLAGS}")
+  cmd = _train_command() + [
+      f"--config={os.path.join(ROOT, 'configs', 'quickstart.py')}", f"--workdir={workdir}",
+      *TINY_FLAGS, "--config.train.log_every=1", f"--config.data.data_dir={data_dir}",
+      f"--config.train.num_steps={STEPS}", "--config.train.checkpoint_every=3", *extra]
+  log = open(log_path, "w")
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+  proc.log_path = log_path
+  log.close()  # the child holds its own descriptor
+  return proc
+
+
+def _tail(path, n=4000):
+  with open(path, errors="replace") as f:
+    return f.read()[-n:]
+
+
+def _wait_all(procs, timeout):
+  """Waits for every process; on a timeout or any failure kills the rest and fails
+  with the tails of their logs."""
+  deadline = time.monotonic() + timeout
+  try:
+    while any(p.poll() is None for p in procs):
+      if any(p.returncode not in (None, 0) for p in procs):
+        break  # one failed: the others (e.g. waiting on it in a collective) would hang
+      if time.monotonic() > deadline:
+        break
+      time.sleep(0.5)
+  finally:
+    running = [p for p in procs if p.poll() is None]
+    for p in running:
+      p.kill()
+    for p in running:
+      p.wait()
+  if running or any(p.returncode != 0 for p in procs):
+    report = "\n".join(
+        f"--- {os.path.basename(p.log_path)} (rc={p.returncode}"
+        f"{', killed' if p in running else ''}) ---\n{_tail(p.log_path)}" for p in procs)
+    pytest.fail(f"training processes failed or exceeded {timeout}s:\n{report}")
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+  return np.array([r["loss"] for r in rows])
+
+
+def _restore_numpy(path):
+  import orbax.checkpoint as ocp
+  ckptr = ocp.PyTreeCheckpointer()
+  tree = ckptr.metadata(path)
+  tree = getattr(tree, "item_metadata", tree)
+  tree = getattr(tree, "tree", tree)
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def test_two_processes_equal_one_process(data_dir, tmp_path):
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  port = _free_port()
+  procs = [_start(one, data_dir, tmp_path / "single.log", devices=2)]
+  procs += [
+      _start(two, data_dir, tmp_path / f"process{i}.log", devices=1,
+             extra=(f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                    f"--process_id={i}", "--cpu_collectives=gloo"))
+      for i in range(2)]
+  _wait_all(procs, TIMEOUT_S)
+
+  np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
+  for step in (3, STEPS):
+    assert os.path.isdir(os.path.join(two, "checkpoints", str(step), "state"))
+  assert os.path.exists(os.path.join(two, "samples", f"step_{STEPS:07d}.png"))
+
+  a = _restore_numpy(os.path.join(one, "checkpoints", str(STEPS), "state"))
+  b = _restore_numpy(os.path.join(two, "checkpoints", str(STEPS), "state"))
+  assert int(a["step"]) == int(b["step"]) == STEPS
+  for key in ("params", "ema_params"):
+    flat_a = jax.tree_util.tree_flatten_with_path(a[key])[0]
+    flat_b = dict(jax.tree_util.tree_flatten_with_path(b[key])[0])
+    assert len(flat_a) == len(flat_b) > 0
+    for path, x in flat_a:
+      np.testing.assert_allclose(flat_b[path], x, rtol=1e-5, atol=1e-6,
+                                 err_msg=f"{key}{jax.tree_util.keystr(path)}")
+  with open(os.path.join(two, "checkpoints", str(STEPS), "data", "metadata")) as f:
+    assert json.load(f) == {"next_index": STEPS}
