@@ -83,7 +83,12 @@ def train(config, workdir: str):
   latest = mngr.latest_step()
   if latest is not None:
     _check_compatible(mngr, latest, config, workdir)
-    state, data_state, _ = checkpoint.restore(mngr, latest, abstract, shardings)
+    try:
+      state, data_state, _ = checkpoint.restore(mngr, latest, abstract, shardings)
+    except ValueError as e:
+      raise ValueError(f"workdir {workdir} holds a checkpoint (step {latest}) whose state "
+                       f"does not match this config; use a new --workdir. Nothing was "
+                       f"changed. Orbax says: {e}") from e
     data_iter.set_state(data_state)
     logging.info("Resumed from %s at step %d.", mngr.directory, latest)
   else:

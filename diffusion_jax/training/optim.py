@@ -30,6 +30,7 @@ def make(optim_cfg, num_steps: int):
     opt = optax.sgd(sched, momentum=optim_cfg.b1)
   else:
     raise ValueError(f"config.optim.name={optim_cfg.name!r}: expected adamw | adam | sgd")
-  if optim_cfg.grad_clip > 0:
-    opt = optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), opt)
-  return opt, sched
+  # Always a chain, so the optimizer state's structure does not depend on whether
+  # clipping is on (a resumed run may change optim.grad_clip).
+  clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
+  return optax.chain(optax.clip_by_global_norm(clip), opt), sched

@@ -57,7 +57,7 @@ def make_train_step(loss_fn, tx, lr_schedule, *, ema_decay: float):
         lambda: (state.params, state.ema_params, state.opt_state))
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
                               opt_state=opt_state)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    lr=lr_schedule(state.step), nonfinite=1 - finite.astype(jnp.int32))
     return new_state, metrics
   return step
