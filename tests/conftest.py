@@ -3,7 +3,10 @@ a tiny config that compiles fast."""
 import os
 
 # Before JAX is imported anywhere: 8 virtual CPU devices (sharding tests need them).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# LLVM -O0: XLA:CPU compile time dominates these tiny runs (about halved); the
+# programs compared against each other always use the same flags.
+_FAST_COMPILE = "--xla_backend_optimization_level=0"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {_FAST_COMPILE}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # JAX's persistent compilation cache, shared by this process and every command-line
 # run the tests start: the same tiny programs compile once per machine, not per run.
@@ -59,13 +62,14 @@ TINY_FLAGS = [
 
 
 def run_cli(script: str, args, *, devices: int = 1, timeout: float = 600, check: bool = True,
-            env=None):
-  """Runs `launch/<script>.py` in a fresh process with `devices` virtual CPU devices.
-  Returns the CompletedProcess; raises with the output tail when check fails."""
+            env=None, optimize: bool = False):
+  """Runs `launch/<script>.py` in a fresh process with `devices` virtual CPU devices
+  (compiled at -O0 unless `optimize`). Returns the CompletedProcess; raises with the
+  output tail when check fails."""
   import subprocess
   import sys
-  e = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-           JAX_PLATFORMS="cpu", **(env or {}))
+  xla = f"--xla_force_host_platform_device_count={devices}" + ("" if optimize else f" {_FAST_COMPILE}")
+  e = dict(os.environ, XLA_FLAGS=xla, JAX_PLATFORMS="cpu", **(env or {}))
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", f"{script}.py"), *args],
                         capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT)
   if check and proc.returncode != 0:

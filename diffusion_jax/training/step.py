@@ -4,7 +4,10 @@
 
 Randomness is per example: example i of the global batch gets fold_in(key, i), so a
 step computes the same numbers on 1 device, 8 devices, several hosts, or under pmap
-(where the local slice's global offset comes from lax.axis_index).
+(where the local slice's global offset comes from lax.axis_index). One exception:
+network dropout draws one mask per call from a single key, so with model.dropout > 0
+the pmap path (one call per device) differs from the jit path; jit on any number of
+devices and hosts still agrees (threefry is partitionable).
 """
 from __future__ import annotations
 

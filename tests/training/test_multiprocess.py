@@ -67,11 +67,12 @@ def _wait_all(procs, timeout):
   with the tails of their logs."""
   deadline = time.monotonic() + timeout
   try:
-    while any(p.poll() is None for p in procs):
-      if any(p.returncode not in (None, 0) for p in procs):
-        break  # one failed: the others (e.g. waiting on it in a collective) would hang
-      if time.monotonic() > deadline:
+    while True:
+      codes = [p.poll() for p in procs]  # every one: any() would stop at the first
+      if all(c is not None for c in codes) or time.monotonic() > deadline:
         break
+      if any(c not in (None, 0) for c in codes):
+        break  # one failed: the others (e.g. waiting on it in a collective) would hang
       time.sleep(0.5)
   finally:
     running = [p for p in procs if p.poll() is None]
@@ -127,7 +128,9 @@ def test_two_processes_equal_one_process(data_dir, tmp_path):
     flat_b = dict(jax.tree_util.tree_flatten_with_path(b[key])[0])
     assert len(flat_a) == len(flat_b) > 0
     for path, x in flat_a:
-      np.testing.assert_allclose(flat_b[path], x, rtol=1e-5, atol=1e-6,
+      # atol: biases with an exactly-zero gradient hold ~1e-6 rounding noise (see
+      # test_pmap.py); all other parameters agree far more closely.
+      np.testing.assert_allclose(flat_b[path], x, rtol=1e-5, atol=1e-5,
                                  err_msg=f"{key}{jax.tree_util.keystr(path)}")
   with open(os.path.join(two, "checkpoints", str(STEPS), "data", "metadata")) as f:
     assert json.load(f) == {"next_index": STEPS}
