@@ -2,6 +2,8 @@
 and turning configuration errors into one clear line instead of a traceback."""
 from __future__ import annotations
 
+import logging as pylogging
+import os
 import sys
 
 from absl import flags, logging
@@ -17,12 +19,25 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _CPU_COLLECTIVES = flags.DEFINE_string(
     "cpu_collectives", None, "CPU cross-process collectives ('gloo') for multi-process CPU runs.")
 
+_LIBRARY_LOGS = flags.DEFINE_bool("library_logs", False, "Show orbax/TFDS/grain INFO logs.")
+
 USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError)
+
+
+class _QuietLibraries(pylogging.Filter):
+  """Keeps orbax's, TFDS's and grain's INFO chatter out of the progress log (their
+  warnings and errors still show); --library_logs shows everything."""
+  _NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorflow_datasets{os.sep}", f"{os.sep}grain{os.sep}")
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING or not any(s in record.pathname for s in self._NOISY)
 
 
 def start() -> None:
   """Initialises multi-host JAX when asked to; call first in main()."""
   logging.set_verbosity(logging.INFO)
+  if not _LIBRARY_LOGS.value:
+    logging.get_absl_handler().addFilter(_QuietLibraries())
   if _DISTRIBUTED.value or _COORDINATOR.value:
     parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                         _CPU_COLLECTIVES.value)
