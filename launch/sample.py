@@ -11,7 +11,7 @@ import os
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from diffusion_jax import io
 from diffusion_jax.training import generate

@@ -9,7 +9,6 @@ Any of them can be followed by the resolution shift t' = k·t / (1 + (k − 1)·
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 TIME_SAMPLERS = ("uniform", "logit_normal", "discrete")
 

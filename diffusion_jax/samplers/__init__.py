@@ -3,6 +3,8 @@ from diffusion_jax.samplers import guidance
 from diffusion_jax.samplers.denoiser import make_denoiser
 from diffusion_jax.samplers.solvers import ddim, ddpm, euler, time_grid
 
+__all__ = ["SAMPLERS", "ddim", "ddpm", "euler", "get", "guidance", "make_denoiser", "time_grid"]
+
 SAMPLERS = {"euler": euler, "ddpm": ddpm, "ddim": ddim}
 
 

@@ -7,10 +7,10 @@ depend on N, the batch padding, or how many devices or hosts run it.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import parallel
+from diffusion_jax import checkpoint, config as config_lib, data, parallel
+from diffusion_jax.training import tasks
 
 
 def compile_sampler(sample_fn):
@@ -48,9 +48,6 @@ def load_run(workdir: str, step: int | None = None, mesh=None):
   The config and dataset info come from the checkpoint itself, so this needs neither
   the config file nor the dataset.
   """
-  from diffusion_jax import checkpoint, config as config_lib, data
-  from diffusion_jax.training import tasks
-
   mngr = checkpoint.manager(workdir, read_only=True)
   step = mngr.latest_step() if step is None else step
   if step is None:
@@ -86,8 +83,6 @@ def sample_run(workdir: str, num_samples: int, labels=None, *, seed: int = 0, sa
                num_steps=None, guidance=None, step=None, use_ema: bool = True):
   """Samples a trained run → (images float [N,H,W,C] in [-1, 1], labels int [N], info,
   checkpoint step). Labels as in `resolve_labels`."""
-  from diffusion_jax.training import tasks
-
   config, info, state, mesh, step = load_run(workdir, step)
   labels = resolve_labels(info, num_samples, labels)
   sample_fn = tasks.get(config.task).sample(config, info, sampler=sampler,
