@@ -44,8 +44,8 @@ def base() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"               # compute dtype; parameters stay float32
 
   c.diffusion = ml_collections.ConfigDict()
-  c.diffusion.path = "flow"               # flow | vp_discrete
-  c.diffusion.prediction = "velocity"     # velocity | eps | x | v
+  c.diffusion.path = "flow"               # flow | vp_discrete | vp_linear | vp_cosine | sub_vp | ve | edm
+  c.diffusion.prediction = "velocity"     # velocity | eps | x | v | score | edm
   c.diffusion.num_steps = 1000            # T of discrete paths
   c.diffusion.beta_schedule = "linear"    # linear | cosine (vp_discrete)
   c.diffusion.time_sampling = "uniform"   # uniform | logit_normal | discrete
@@ -54,6 +54,14 @@ def base() -> ml_collections.ConfigDict:
   c.diffusion.logit_std = 1.0
   c.diffusion.time_shift = 1.0
   c.diffusion.label_dropout = 0.1         # p(∅) for classifier-free guidance
+  c.diffusion.beta_min = 0.1              # vp_linear, sub_vp
+  c.diffusion.beta_max = 20.0
+  c.diffusion.sigma_min = 0.01            # ve (edm: 0.002)
+  c.diffusion.sigma_max = 50.0            # ve (edm: 80)
+  c.diffusion.rho = 7.0                   # edm
+  c.diffusion.sigma_data = 0.5            # edm preconditioning
+  c.diffusion.loss_weight = "uniform"     # uniform | snr | min_snr | edm | vlb
+  c.diffusion.min_snr_gamma = 5.0
 
   c.sample = ml_collections.ConfigDict()
   c.sample.sampler = "euler"              # euler | ddpm | ddim
@@ -99,8 +107,9 @@ _CHOICES = {
     "task": ("diffusion",),
     "model.name": ("unet",),
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "diffusion.path": ("flow", "vp_discrete"),
-    "diffusion.prediction": ("velocity", "eps", "x", "v"),
+    "diffusion.path": ("flow", "vp_discrete", "vp_linear", "vp_cosine", "sub_vp", "ve", "edm"),
+    "diffusion.prediction": ("velocity", "eps", "x", "v", "score", "edm"),
+    "diffusion.loss_weight": ("uniform", "snr", "min_snr", "edm", "vlb"),
     "diffusion.beta_schedule": ("linear", "cosine"),
     "diffusion.time_sampling": ("uniform", "logit_normal", "discrete"),
     "sample.sampler": ("euler", "ddpm", "ddim"),

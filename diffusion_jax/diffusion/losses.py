@@ -1,4 +1,5 @@
-"""Denoising objectives: E_{t,x,z} w(t)·‖f_θ(x_t, t) − (c(t)·x + d(t)·z)‖² (seed 000, 002).
+"""Denoising objectives: E_{t,x,z} w(t)·‖f_θ(x_t, t) − (c(t)·x + d(t)·z)‖² (seed 000, 002),
+with w(t) from `predictions.loss_weight` (uniform, SNR, min-SNR-γ, EDM, VLB).
 
 With prediction='velocity' on the flow path this is rectified flow / conditional flow
 matching; with prediction='eps' on the discrete VP path it is DDPM's L_simple.
@@ -48,4 +49,5 @@ def loss(cfg, path, model_fn, x0, labels, keys, num_classes: int):
   pred = model_fn(x_t, t, labels).astype(jnp.float32)
   tgt = predictions.target(path, cfg.prediction, x0, z, t)
   per_example = jnp.mean(jnp.square(pred - tgt), axis=tuple(range(1, x0.ndim)))
+  per_example = predictions.loss_weight(cfg, path, t) * per_example
   return jnp.mean(per_example), per_example

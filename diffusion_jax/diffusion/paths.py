@@ -3,11 +3,19 @@
 Every diffusion process of the notes is an instance of one form (seed 000,
 "generalized diffusion"; seed 004, the diffusion kernel q(x_t | x_0)):
 
-* rectified flow:  a = 1 - t,  b = t.
-* VP / DDPM, discrete T steps: a = sqrt(ᾱ_i), b = sqrt(1 - ᾱ_i) at t = i/T with
-  ᾱ_i = Π_{j≤i} (1 - β_j) and ᾱ_0 = 1; linear (Ho et al. 2020) or cosine (Nichol &
+* flow (rectified flow):  a = 1 − t,  b = t.
+* vp_discrete (DDPM), T steps: a = sqrt(ᾱ_i), b = sqrt(1 − ᾱ_i) at t = i/T with
+  ᾱ_i = Π_{j≤i} (1 − β_j) and ᾱ_0 = 1; linear (Ho et al. 2020) or cosine (Nichol &
   Dhariwal 2021) betas. Between grid points a and b are interpolated linearly in t,
   so they are defined (and differentiable almost everywhere) for every t.
+* vp_linear (score-SDE VP, Song et al. 2021): β(t) = β_min + t(β_max − β_min),
+  ᾱ(t) = exp(−β_min t − ½(β_max − β_min) t²), a = sqrt(ᾱ), b = sqrt(1 − ᾱ).
+* vp_cosine: the cosine schedule in continuous time, ᾱ(t) = f(t)/f(0),
+  f(t) = cos²((t + s)/(1 + s)·π/2), s = 0.008.
+* sub_vp (Song et al. 2021): a = sqrt(ᾱ(t)) of vp_linear, b = 1 − ᾱ(t).
+* ve (NCSN / score-SDE VE): a = 1, b = σ_min (σ_max/σ_min)^t for t > 0, b(0) = 0.
+* edm (Karras et al. 2022): a = 1, b = σ(t) = (σ_min^{1/ρ} + t (σ_max^{1/ρ} − σ_min^{1/ρ}))^ρ
+  for t > 0, b(0) = 0: uniform steps in t are EDM's ρ-spaced σ steps.
 
 A `Path` is a frozen dataclass, hashable, so it can be closed over by jitted code.
 """
@@ -20,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-KINDS = ("flow", "vp_discrete")
+KINDS = ("flow", "vp_discrete", "vp_linear", "vp_cosine", "sub_vp", "ve", "edm")
 BETA_SCHEDULES = ("linear", "cosine")
 
 
@@ -45,6 +53,12 @@ class Path:
   kind: str = "flow"
   num_steps: int = 1000           # T, discrete paths only
   beta_schedule: str = "linear"   # discrete VP only
+  beta_min: float = 0.1           # vp_linear, sub_vp
+  beta_max: float = 20.0
+  sigma_min: float = 0.01         # ve, edm
+  sigma_max: float = 50.0
+  rho: float = 7.0                # edm
+  sigma_data: float = 0.5         # data std for EDM preconditioning (prediction='edm')
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -68,6 +82,17 @@ class Path:
     t = jnp.asarray(t, jnp.float32)
     if self.kind == "flow":
       return 1.0 - t, t
+    if self.kind in ("vp_linear", "sub_vp", "vp_cosine"):
+      alpha_bar = self._alpha_bar(t)
+      b = 1.0 - alpha_bar if self.kind == "sub_vp" else jnp.sqrt(1.0 - alpha_bar)
+      return jnp.sqrt(alpha_bar), b
+    if self.kind in ("ve", "edm"):
+      if self.kind == "ve":
+        sigma = self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+      else:
+        lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
+        sigma = (lo + t * (hi - lo)) ** self.rho
+      return jnp.ones_like(t), jnp.where(t > 0, sigma, 0.0)
     # a and b tables are computed in float64 (1 − ᾱ loses digits in float32 near t = 0)
     # and interpolated separately: exact on the grid.
     grid = jnp.linspace(0.0, 1.0, self.num_steps + 1)
@@ -76,11 +101,24 @@ class Path:
     b_tab = jnp.asarray(np.sqrt(1.0 - alpha_bar), jnp.float32)
     return jnp.interp(t, grid, a_tab), jnp.interp(t, grid, b_tab)
 
+  def _alpha_bar(self, t):
+    """Continuous-time ᾱ(t) of vp_linear / sub_vp / vp_cosine."""
+    if self.kind == "vp_cosine":
+      s = 0.008
+      f = lambda u: jnp.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+      return f(t) / f(0.0)
+    return jnp.exp(-self.beta_min * t - 0.5 * (self.beta_max - self.beta_min) * t ** 2)
+
   def ab_dot(self, t):
     """(a'(t), b'(t)): time derivatives, by forward-mode differentiation of `ab`."""
     t = jnp.asarray(t, jnp.float32)
     _, (da, db) = jax.jvp(self.ab, (t,), (jnp.ones_like(t),))
     return da, db
+
+  def snr(self, t):
+    """Signal-to-noise ratio a(t)²/b(t)²."""
+    a, b = self.ab(t)
+    return a ** 2 / b ** 2
 
   def snap(self, t):
     """Rounds t to the path's time grid (identity for continuous paths)."""
@@ -91,4 +129,6 @@ class Path:
 
 def from_config(cfg) -> Path:
   """`config.diffusion` → Path."""
-  return Path(kind=cfg.path, num_steps=int(cfg.num_steps), beta_schedule=cfg.beta_schedule)
+  return Path(kind=cfg.path, num_steps=int(cfg.num_steps), beta_schedule=cfg.beta_schedule,
+              beta_min=cfg.beta_min, beta_max=cfg.beta_max, sigma_min=cfg.sigma_min,
+              sigma_max=cfg.sigma_max, rho=cfg.rho, sigma_data=cfg.sigma_data)

@@ -10,7 +10,9 @@ from diffusion_jax.diffusion import paths, predictions, time_sampling
 from diffusion_jax.config import base
 
 PATHS = [paths.Path("flow"), paths.Path("vp_discrete", 1000, "linear"),
-         paths.Path("vp_discrete", 1000, "cosine")]
+         paths.Path("vp_discrete", 1000, "cosine"), paths.Path("vp_linear"),
+         paths.Path("vp_cosine"), paths.Path("sub_vp"), paths.Path("ve"),
+         paths.Path("edm", sigma_min=0.002, sigma_max=80.0)]
 
 
 def test_flow_is_linear_interpolation():
@@ -93,3 +95,72 @@ def test_bad_names_are_named():
     paths.Path("nope")
   with pytest.raises(ValueError, match="diffusion.prediction"):
     predictions.coefficients(paths.Path("flow"), "nope", 0.5)
+
+
+def test_continuous_paths_closed_forms():
+  t = jnp.linspace(0.0, 1.0, 11)
+  a, b = paths.Path("vp_linear").ab(t)
+  np.testing.assert_allclose(a ** 2 + b ** 2, 1.0, atol=1e-6)
+  # ᾱ(t) = exp(−∫β) with β linear from 0.1 to 20: ᾱ(1) = exp(−10.05)
+  np.testing.assert_allclose(a[-1] ** 2, np.exp(-10.05), rtol=1e-4)
+  a2, b2 = paths.Path("sub_vp").ab(t)
+  np.testing.assert_allclose(a2, a)
+  np.testing.assert_allclose(b2, 1.0 - a ** 2, atol=1e-6)
+  a, b = paths.Path("vp_cosine").ab(t)
+  np.testing.assert_allclose(a ** 2 + b ** 2, 1.0, atol=1e-6)
+  assert float(b[0]) == 0.0 and float(a[-1]) < 1e-3
+  a, b = paths.Path("ve", sigma_min=0.01, sigma_max=50.0).ab(jnp.array([0.0, 0.5, 1.0]))
+  np.testing.assert_allclose(a, 1.0)
+  np.testing.assert_allclose(b, [0.0, np.sqrt(0.01 * 50.0), 50.0], rtol=1e-5)
+  edm = paths.Path("edm", sigma_min=0.002, sigma_max=80.0, rho=7.0)
+  _, b = edm.ab(jnp.array([1e-7, 0.5, 1.0]))
+  lo, hi = 0.002 ** (1 / 7), 80.0 ** (1 / 7)
+  np.testing.assert_allclose(b, [0.002, ((lo + hi) / 2) ** 7, 80.0], rtol=1e-4)
+
+
+def test_edm_prediction_is_karras_preconditioning():
+  """F target = (y − c_skip(σ)·(y + σn)) / c_out(σ) (Karras et al. 2022, eq. 8)."""
+  path = paths.Path("edm", sigma_min=0.002, sigma_max=80.0, sigma_data=0.5)
+  kx, kz = jax.random.split(jax.random.key(0))
+  x, z = jax.random.normal(kx, (5, 3)), jax.random.normal(kz, (5, 3))
+  t = jnp.linspace(0.1, 0.9, 5)
+  sigma = path.ab(t)[1][:, None]
+  c_skip = 0.25 / (sigma ** 2 + 0.25)
+  c_out = sigma * 0.5 / jnp.sqrt(sigma ** 2 + 0.25)
+  np.testing.assert_allclose(predictions.target(path, "edm", x, z, t),
+                             (x - c_skip * (x + sigma * z)) / c_out, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(predictions.input_scale(path, "edm", t),
+                             1.0 / np.sqrt(np.asarray(sigma[:, 0]) ** 2 + 0.25), rtol=1e-5)
+
+
+def _weight(path, prediction, kind, t, gamma=5.0):
+  cfg = base().diffusion
+  cfg.prediction, cfg.loss_weight, cfg.min_snr_gamma = prediction, kind, gamma
+  return np.asarray(predictions.loss_weight(cfg, path, t))
+
+
+def test_loss_weights_match_published_forms():
+  t = jnp.linspace(0.02, 0.98, 25)
+  vp = paths.Path("vp_linear")
+  snr = np.asarray(vp.snr(t))
+  # Min-SNR-γ (Hang et al. 2023): ε-prediction min(SNR, γ)/SNR, v-prediction min(SNR, γ)/(SNR + 1)
+  np.testing.assert_allclose(_weight(vp, "eps", "min_snr", t), np.minimum(snr, 5) / snr, rtol=1e-4)
+  np.testing.assert_allclose(_weight(vp, "v", "min_snr", t), np.minimum(snr, 5) / (snr + 1), rtol=1e-4)
+  np.testing.assert_allclose(_weight(vp, "eps", "snr", t), 1.0, rtol=1e-4)
+  edm = paths.Path("edm", sigma_min=0.002, sigma_max=80.0)
+  np.testing.assert_allclose(_weight(edm, "edm", "edm", t), 1.0, rtol=1e-4)
+  np.testing.assert_allclose(_weight(vp, "eps", "uniform", t), 1.0)
+
+
+def test_vlb_weight_is_ddpm_eq_12():
+  """For ε-prediction, L_{t−1} = β_t² / (2 σ_t² α_t (1 − ᾱ_t)) · ‖ε − ε_θ‖² with
+  σ_t² = β̃_t (Ho et al. 2020, eq. 12), per dimension."""
+  T = 1000
+  path = paths.Path("vp_discrete", T, "linear")
+  betas = paths.ddpm_betas("linear", T)
+  alpha_bar = path.alpha_bar_table()
+  i = np.array([2, 10, 100, 500, 999])
+  beta, ab_t, ab_s = betas[i - 1], alpha_bar[i], alpha_bar[i - 1]
+  post_var = beta * (1 - ab_s) / (1 - ab_t)
+  expected = beta ** 2 / (2 * post_var * (1 - beta) * (1 - ab_t))
+  np.testing.assert_allclose(_weight(path, "eps", "vlb", jnp.asarray(i / T)), expected, rtol=2e-3)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import nets, samplers
-from diffusion_jax.diffusion import losses, paths
+from diffusion_jax.diffusion import losses, paths, predictions
 from diffusion_jax.training import optim, step as step_lib
 from diffusion_jax.training.state import TrainState
 
@@ -20,6 +20,12 @@ from diffusion_jax.training.state import TrainState
 def model(config, info):
   return nets.build_denoiser(config.model, out_channels=info.image_shape[-1],
                              num_classes=info.num_classes)
+
+
+def _scaled(path, config, x, t):
+  """Network input: x_t times the prediction's input preconditioning (EDM's c_in)."""
+  scale = predictions.input_scale(path, config.diffusion.prediction, t)
+  return x * scale.reshape(scale.shape + (1,) * (x.ndim - 1))
 
 
 def init(config, key, info) -> TrainState:
@@ -35,8 +41,8 @@ def train_step(config, info):
   tx, sched = optim.make(config.optim, config.train.num_steps)
 
   def loss_fn(params, batch, keys, dropout_key):
-    model_fn = lambda x, t, y: net.apply({"params": params}, x, t, y, train=True,
-                                         rngs={"dropout": dropout_key})
+    model_fn = lambda x, t, y: net.apply({"params": params}, _scaled(path, config, x, t), t, y,
+                                         train=True, rngs={"dropout": dropout_key})
     loss, _ = losses.loss(config.diffusion, path, model_fn, batch["image"], batch["label"],
                           keys, info.num_classes)
     return loss, {}
@@ -62,7 +68,7 @@ def sample(config, info, *, sampler: str | None = None, num_steps: int | None = 
   shape = tuple(info.image_shape)
 
   def sample_fn(params, labels, keys):
-    model_fn = lambda x, t, y: net.apply({"params": params}, x, t, y)
+    model_fn = lambda x, t, y: net.apply({"params": params}, _scaled(path, config, x, t), t, y)
     if info.num_classes:
       model_fn = samplers.guidance.classifier_free(model_fn, guidance, info.num_classes)
     denoiser = samplers.make_denoiser(model_fn, path, config.diffusion.prediction, labels,
