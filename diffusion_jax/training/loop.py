@@ -63,11 +63,14 @@ def keys(seed: int):
   return tuple(jax.random.split(jax.random.key(seed), 3))
 
 
-def train(config, workdir: str):
-  """Trains config in workdir (resuming if it holds a checkpoint). Returns the state."""
+def train(config, workdir: str, devices=None):
+  """Trains config in workdir (resuming if it holds a checkpoint). Returns the state.
+
+  devices: the devices of the mesh (default: every device of every host).
+  """
   config_lib.validate(config)
   task = tasks.get(config.task)
-  mesh = parallel.make_mesh(config.mesh)
+  mesh = parallel.make_mesh(config.mesh, devices)
   parallel.check_batch_size(config.data.batch_size, mesh)
   info = dataset_info(config)
   init_key, step_root, sample_key = keys(config.seed)

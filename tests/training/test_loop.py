@@ -111,6 +111,6 @@ def test_every_config_trains_one_step_and_samples(path, data_dir, tmp_path):
   c.train.num_steps, c.train.checkpoint_every, c.train.log_every = 1, 1, 1
   c.train.async_checkpointing = False
   c.sample.num_steps, c.sample.per_class = 2, 1
-  final = loop.train(c, str(tmp_path))
+  final = loop.train(c, str(tmp_path), devices=jax.devices()[:1])
   assert int(final.step) == 1
   assert os.listdir(tmp_path / "samples")
