@@ -35,9 +35,10 @@ BETA_SCHEDULES = ("linear", "cosine")
 def ddpm_betas(schedule: str, num_steps: int) -> np.ndarray:
   """β_1..β_T (float64 [T]) for DDPM's linear or the improved-DDPM cosine schedule."""
   if schedule == "linear":
-    # Ho et al. use 1e-4..0.02 for T=1000; scale so other T keep the same ᾱ_T.
+    # Ho et al. use 1e-4..0.02 for T=1000; scale so other T keep about the same ᾱ_T
+    # (improved DDPM), capped at 0.999 like the cosine schedule so tiny T stays valid.
     scale = 1000.0 / num_steps
-    return np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64)
+    return np.minimum(np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64), 0.999)
   if schedule == "cosine":
     s = 0.008
     f = lambda u: np.cos((u + s) / (1 + s) * math.pi / 2) ** 2
