@@ -64,12 +64,16 @@ def base() -> ml_collections.ConfigDict:
   c.diffusion.min_snr_gamma = 5.0
 
   c.sample = ml_collections.ConfigDict()
-  c.sample.sampler = "euler"              # euler | ddpm | ddim
+  c.sample.sampler = "euler"              # euler | heun | ddim | ddpm | dpm_solver_2m | sde | pc | edm
   c.sample.num_steps = 50
   c.sample.guidance = 1.0                 # w in (1 + w)·f(y) − w·f(∅); 0 = off
   c.sample.clip_x0 = False
   c.sample.ddim_eta = 0.0
   c.sample.ddpm_variance = "small"        # small (β̃_t) | large (β_t)
+  c.sample.spacing = "uniform"            # uniform | karras | logsnr (edm defaults to karras)
+  c.sample.pc_snr = 0.16                  # pc: Langevin corrector signal-to-noise ratio
+  c.sample.pc_corrector_steps = 1
+  c.sample.edm_churn = 0.0                # edm: S_churn (0 = deterministic)
   c.sample.per_class = 8                  # columns of the training-time sample grid
 
   c.optim = ml_collections.ConfigDict()
@@ -112,8 +116,10 @@ _CHOICES = {
     "diffusion.loss_weight": ("uniform", "snr", "min_snr", "edm", "vlb"),
     "diffusion.beta_schedule": ("linear", "cosine"),
     "diffusion.time_sampling": ("uniform", "logit_normal", "discrete"),
-    "sample.sampler": ("euler", "ddpm", "ddim"),
+    "sample.sampler": ("euler", "ddpm", "ddim", "heun", "dpm_solver_2m", "sde", "pc",
+                       "edm"),
     "sample.ddpm_variance": ("small", "large"),
+    "sample.spacing": ("uniform", "karras", "logsnr"),
     "optim.name": ("adamw", "adam", "sgd"),
     "optim.schedule": ("cosine", "constant"),
     "train.on_nonfinite": ("skip", "stop"),

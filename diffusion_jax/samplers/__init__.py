@@ -1,11 +1,23 @@
 """Samplers (compiled loops over a shared denoiser) and guidance wrappers."""
-from diffusion_jax.samplers import guidance
+from diffusion_jax.samplers import guidance, spacing
 from diffusion_jax.samplers.denoiser import make_denoiser
-from diffusion_jax.samplers.solvers import ddim, ddpm, euler, time_grid
+from diffusion_jax.samplers.solvers import (
+  ddim,
+  ddpm,
+  dpm_solver_2m,
+  edm,
+  euler,
+  heun,
+  pc,
+  sde,
+  time_grid,
+)
 
-__all__ = ["SAMPLERS", "ddim", "ddpm", "euler", "get", "guidance", "make_denoiser", "time_grid"]
+__all__ = ["SAMPLERS", "ddim", "ddpm", "dpm_solver_2m", "edm", "euler", "get", "guidance", "heun",
+           "make_denoiser", "pc", "sde", "spacing", "time_grid"]
 
-SAMPLERS = {"euler": euler, "ddpm": ddpm, "ddim": ddim}
+SAMPLERS = {"euler": euler, "ddpm": ddpm, "ddim": ddim, "heun": heun,
+            "dpm_solver_2m": dpm_solver_2m, "sde": sde, "pc": pc, "edm": edm}
 
 
 def get(name: str):

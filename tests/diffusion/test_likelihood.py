@@ -186,7 +186,7 @@ def test_bound_is_above_true_nll_and_tightens_with_T():
     np.testing.assert_allclose(out["prior"], 0.0, atol=1e-6)  # flow: q(x_1) = N(0, I)
     d = out["total"] - nll
     gaps[T] = (d.mean(), d.std() / math.sqrt(len(d)))
-  (g10, s10), (g100, s100), (g1000, s1000) = gaps[10], gaps[100], gaps[1000]
+  (g10, _), (g100, s100), (g1000, s1000) = gaps[10], gaps[100], gaps[1000]
   assert g10 > g100 + 3 * s100 > g1000 + 3 * s1000, gaps
   assert g1000 > -3 * s1000, gaps
   assert g1000 < 0.3, gaps

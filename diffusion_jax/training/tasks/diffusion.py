@@ -62,7 +62,11 @@ def sample(config, info, *, sampler: str | None = None, num_steps: int | None = 
   num_steps = s.num_steps if num_steps is None else num_steps
   guidance = s.guidance if guidance is None else guidance
   solve = samplers.get(sampler)
-  options = {"ddim": {"eta": s.ddim_eta}, "ddpm": {"variance": s.ddpm_variance}}.get(sampler, {})
+  options = {"ddim": {"eta": s.ddim_eta}, "ddpm": {"variance": s.ddpm_variance},
+             "pc": {"snr": s.pc_snr, "corrector_steps": s.pc_corrector_steps},
+             "edm": {"s_churn": s.edm_churn}}.get(sampler, {})
+  if sampler != "edm" or s.spacing != "uniform":  # edm's own default spacing is karras
+    options["spacing"] = s.spacing
   net = model(config, info)
   path = paths.from_config(config.diffusion)
   shape = tuple(info.image_shape)

@@ -1,0 +1,108 @@
+"""Time-step spacings: a decreasing grid t_0 = 1 > t_1 > ... > t_N = 0.
+
+  uniform  t_i = 1 − i/N (the samplers' default, `solvers.time_grid`).
+  karras   EDM (Karras et al. 2022, eq. 5) in σ = b/a:
+             σ_i = (σ_max^{1/ρ} + i/(N−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ,  i < N,  ρ = 7,
+           mapped back through t = σ⁻¹(σ_i) (flow: σ = t/(1−t), t = σ/(1+σ)).
+  logsnr   uniform in λ = log(a²/b²) = −2·log σ between the same end points (DPM-Solver's
+           choice, Lu et al. 2022).
+
+σ_max = min(σ(1), sigma_max) and σ_min = max(σ(t_min), sigma_min), where t_min is the
+first positive time of a discrete path (0 otherwise); σ(1) is infinite for the flow
+path, so t_0 is always set to exactly 1 and t_N to exactly 0. The grid is a static
+(trace-time) computation: σ is inverted by bisection in float64, σ(t) being increasing
+for every Gaussian path. On a discrete path the grid is snapped to the path's steps and
+kept strictly decreasing (snapping would otherwise merge steps near t = 0).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SPACINGS = ("uniform", "karras", "logsnr")
+
+
+def _check(path, num_steps):
+  if num_steps < 1:
+    raise ValueError(f"num_steps={num_steps} must be >= 1")
+  if path.discrete and num_steps > path.num_steps:
+    raise ValueError(f"num_steps={num_steps} exceeds the path's {path.num_steps} "
+                     "discrete steps")
+
+
+def uniform(path, num_steps: int):
+  """t_0 = 1 > t_1 > ... > t_N = 0, uniform in t (snapped to a discrete path's grid)."""
+  _check(path, num_steps)
+  return path.snap(jnp.linspace(1.0, 0.0, num_steps + 1))
+
+
+def sigma(path, t) -> np.ndarray:
+  """σ(t) = b(t)/a(t) as float64 numpy, evaluated at trace time (inf where a = 0)."""
+  with jax.ensure_compile_time_eval():
+    a, b = path.ab(jnp.asarray(t, jnp.float32))
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  with np.errstate(divide="ignore"):
+    return np.where(a > 0, b / np.where(a > 0, a, 1.0), np.inf)
+
+
+def inverse_sigma(path, sig) -> np.ndarray:
+  """t with σ(t) = sig (float64 [n]), by 40 steps of bisection on [0, 1]."""
+  sig = np.asarray(sig, np.float64)
+  lo, hi = np.zeros_like(sig), np.ones_like(sig)
+  for _ in range(40):
+    mid = 0.5 * (lo + hi)
+    above = sigma(path, mid) > sig
+    hi, lo = np.where(above, mid, hi), np.where(above, lo, mid)
+  return 0.5 * (lo + hi)
+
+
+def sigma_range(path, sigma_min: float = 0.002, sigma_max: float = 80.0):
+  """(σ_min, σ_max) the non-uniform spacings span (see the module docstring)."""
+  t_min = 1.0 / path.num_steps if path.discrete else 0.0
+  return (max(float(sigma(path, t_min)), sigma_min), min(float(sigma(path, 1.0)), sigma_max))
+
+
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0):
+  """EDM eq. 5: σ_0 = σ_max > ... > σ_{N−1} = σ_min (float64 [N]; σ_N = 0 is implied)."""
+  u = np.arange(num_steps) / max(num_steps - 1, 1)
+  return (sigma_max ** (1 / rho) + u * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def _from_sigmas(path, sigmas):
+  """t_i = σ⁻¹(σ_i) for i < N, then t_0 := 1, t_N := 0; snapped and kept strict."""
+  n = len(sigmas)
+  t = np.concatenate([inverse_sigma(path, sigmas), [0.0]])
+  t[0] = 1.0
+  if path.discrete:
+    k = np.round(t * path.num_steps).astype(np.int64)
+    for i in range(1, n + 1):        # strictly decreasing from the top ...
+      k[i] = min(k[i], k[i - 1] - 1)
+    k[n] = 0
+    for i in range(n - 1, -1, -1):   # ... and room for the remaining steps at the bottom
+      k[i] = max(k[i], k[i + 1] + 1)
+    t = k / path.num_steps
+  return jnp.asarray(t, jnp.float32)
+
+
+def karras(path, num_steps: int, rho: float = 7.0, sigma_min: float = 0.002,
+           sigma_max: float = 80.0):
+  """EDM's ρ-spacing in σ = b/a (Karras et al. 2022, eq. 5), as times t_0..t_N."""
+  _check(path, num_steps)
+  return _from_sigmas(path, karras_sigmas(num_steps, *sigma_range(path, sigma_min, sigma_max),
+                                          rho))
+
+
+def logsnr(path, num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0):
+  """Uniform in log-SNR λ = log(a²/b²) (Lu et al. 2022), as times t_0..t_N."""
+  _check(path, num_steps)
+  lo, hi = sigma_range(path, sigma_min, sigma_max)
+  return _from_sigmas(path, np.exp(np.linspace(np.log(hi), np.log(lo), num_steps)))
+
+
+def grid(path, num_steps: int, spacing: str = "uniform"):
+  """The time grid of a spacing by name."""
+  fns = {"uniform": uniform, "karras": karras, "logsnr": logsnr}
+  if spacing not in fns:
+    raise ValueError(f"spacing={spacing!r}: expected one of {SPACINGS}")
+  return fns[spacing](path, num_steps)
