@@ -64,7 +64,7 @@ def base() -> ml_collections.ConfigDict:
   c.diffusion.min_snr_gamma = 5.0
 
   c.sample = ml_collections.ConfigDict()
-  c.sample.sampler = "euler"              # euler | heun | ddim | ddpm | dpm_solver_2m | sde | pc | edm
+  c.sample.sampler = "euler"              # euler | heun | ddim | ddpm | dpm_solver_2m | sde | pc | edm | annealed_langevin
   c.sample.num_steps = 50
   c.sample.guidance = 1.0                 # w in (1 + w)·f(y) − w·f(∅); 0 = off
   c.sample.clip_x0 = False
@@ -117,7 +117,7 @@ _CHOICES = {
     "diffusion.beta_schedule": ("linear", "cosine"),
     "diffusion.time_sampling": ("uniform", "logit_normal", "discrete"),
     "sample.sampler": ("euler", "ddpm", "ddim", "heun", "dpm_solver_2m", "sde", "pc",
-                       "edm"),
+                       "edm", "annealed_langevin"),
     "sample.ddpm_variance": ("small", "large"),
     "sample.spacing": ("uniform", "karras", "logsnr"),
     "optim.name": ("adamw", "adam", "sgd"),

@@ -2,6 +2,7 @@
 from diffusion_jax.samplers import guidance, spacing
 from diffusion_jax.samplers.denoiser import make_denoiser
 from diffusion_jax.samplers.solvers import (
+  annealed_langevin,
   ddim,
   ddpm,
   dpm_solver_2m,
@@ -13,11 +14,12 @@ from diffusion_jax.samplers.solvers import (
   time_grid,
 )
 
-__all__ = ["SAMPLERS", "ddim", "ddpm", "dpm_solver_2m", "edm", "euler", "get", "guidance", "heun",
+__all__ = ["SAMPLERS", "annealed_langevin", "ddim", "ddpm", "dpm_solver_2m", "edm", "euler", "get", "guidance", "heun",
            "make_denoiser", "pc", "sde", "spacing", "time_grid"]
 
 SAMPLERS = {"euler": euler, "ddpm": ddpm, "ddim": ddim, "heun": heun,
-            "dpm_solver_2m": dpm_solver_2m, "sde": sde, "pc": pc, "edm": edm}
+            "dpm_solver_2m": dpm_solver_2m, "sde": sde, "pc": pc, "edm": edm,
+            "annealed_langevin": annealed_langevin}
 
 
 def get(name: str):

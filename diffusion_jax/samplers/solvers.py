@@ -280,3 +280,33 @@ def edm(denoiser, path, x, keys, num_steps: int, s_churn: float = 0.0, s_tmin: f
 
   x = jax.lax.fori_loop(0, num_steps - 1, step, x)
   return churn_and_euler(num_steps - 1, x)[4], 2 * num_steps - 1
+
+
+def annealed_langevin(denoiser, path, x, keys, num_steps: int, steps_per_level: int = 10,
+                      step_size: float = 0.5, spacing: str = "uniform"):
+  """Annealed Langevin dynamics (NCSN; Song & Ermon 2019, Alg. 1; seed 002).
+
+  For each noise level t_0 = 1 > … > t_{N−1} of the grid, `steps_per_level` Langevin
+  steps on p_t:
+      x ← x + (α/2)·score + √α·z,   score = −ε̂/b_t,   α = step_size·b_t²
+  (NCSN's α_i = ε·σ_i²/σ_L², with 1/σ_L² folded into step_size), then one denoising
+  step to the posterior mean E[x₀ | x] at the last level (Tweedie; "denoising" of
+  Jolicoeur-Martineau et al. 2021), since Langevin at t_{N−1} > 0 samples p_{t_{N−1}},
+  not the data. NFE = N·steps_per_level + 1.
+  """
+  grid = spacing_lib.grid(path, num_steps, spacing)
+
+  def level(k, x):
+    t = grid[k]
+    b_t = path.ab(t)[1]
+    alpha = step_size * b_t ** 2
+
+    def langevin(j, x):
+      _, eps = denoiser(x, t)
+      return x - 0.5 * alpha * eps / b_t + jnp.sqrt(alpha) * _noise(keys, k * steps_per_level + j, x)
+
+    return jax.lax.fori_loop(0, steps_per_level, langevin, x)
+
+  x = jax.lax.fori_loop(0, num_steps, level, x)
+  x0, _ = denoiser(x, grid[num_steps - 1])
+  return x0, num_steps * steps_per_level + 1

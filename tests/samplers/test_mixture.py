@@ -159,3 +159,25 @@ def test_compile_time_does_not_grow_with_steps():
   for name in ("heun", "pc"):
     few, many = compile_seconds(name, 10), compile_seconds(name, 1000)
     assert many < 2 * few + 0.5, (name, few, many)
+
+
+@pytest.mark.parametrize("path,prediction", [
+    FLOW, VP, (paths.Path("ve", sigma_min=0.01, sigma_max=3.0), "score")],
+    ids=["flow-velocity", "vp-eps", "ve-score"])
+def test_annealed_langevin_converges(path, prediction):
+  """NCSN's sampler: 20 noise levels × 20 Langevin steps reach the mixture (Langevin
+  needs far more NFE than the ODE solvers: 401 here); a single level does not."""
+  b1 = float(path.ab(1.0)[1])
+  run = lambda levels: np.asarray(_scaled_run(path, prediction, levels, b1))
+  good, bad = mixture.sliced_wasserstein(run(20)), mixture.sliced_wasserstein(run(1))
+  assert good < 0.06 and bad > 0.2, (good, bad)
+
+
+def _scaled_run(path, prediction, levels, b1):
+  """Annealed Langevin from x_1 ~ N(0, b(1)²·I) (b(1) ≠ 1 on VE paths)."""
+  keys = jax.random.split(jax.random.key(1), N)
+  x1 = b1 * jax.random.normal(jax.random.key(2), (N, 2))
+  den = samplers.make_denoiser(mixture.model_fn(path, prediction), path, prediction,
+                               jnp.zeros(N, jnp.int32))
+  return jax.jit(lambda x, k: samplers.annealed_langevin(den, path, x, k, levels,
+                                                         steps_per_level=20)[0])(x1, keys)
