@@ -2,7 +2,8 @@
 
     f̃(x_t, t, y) = (1 + w)·f(x_t, t, y) − w·f(x_t, t, ∅)
 
-w = 0 is the conditional model, w > 0 sharpens towards the class. Because the
+w = 0 is the conditional model, w > 0 sharpens towards the class. On scores this is
+the notes' γ-interpolation γ·∇log p_t(x|y) + (1 − γ)·∇log p_t(x) with γ = 1 + w. Because the
 prediction conversions are linear in f for fixed (x_t, t), guiding the prediction
 equals guiding x̂₀, ε̂, the score or the velocity. The conditional and unconditional
 passes are batched into one network call.
