@@ -70,7 +70,7 @@ def base() -> ml_collections.ConfigDict:
   c.sample.clip_x0 = False
   c.sample.ddim_eta = 0.0
   c.sample.ddpm_variance = "small"        # small (β̃_t) | large (β_t)
-  c.sample.spacing = "uniform"            # uniform | karras | logsnr (edm defaults to karras)
+  c.sample.spacing = config_dict.placeholder(str)  # None: the sampler's default | uniform | karras | logsnr
   c.sample.pc_snr = 0.16                  # pc: Langevin corrector signal-to-noise ratio
   c.sample.pc_corrector_steps = 1
   c.sample.edm_churn = 0.0                # edm: S_churn (0 = deterministic)
@@ -119,7 +119,7 @@ _CHOICES = {
     "sample.sampler": ("euler", "ddpm", "ddim", "heun", "dpm_solver_2m", "sde", "pc",
                        "edm", "annealed_langevin"),
     "sample.ddpm_variance": ("small", "large"),
-    "sample.spacing": ("uniform", "karras", "logsnr"),
+    "sample.spacing": (None, "uniform", "karras", "logsnr"),
     "optim.name": ("adamw", "adam", "sgd"),
     "optim.schedule": ("cosine", "constant"),
     "train.on_nonfinite": ("skip", "stop"),

@@ -65,7 +65,7 @@ def sample(config, info, *, sampler: str | None = None, num_steps: int | None = 
   options = {"ddim": {"eta": s.ddim_eta}, "ddpm": {"variance": s.ddpm_variance},
              "pc": {"snr": s.pc_snr, "corrector_steps": s.pc_corrector_steps},
              "edm": {"s_churn": s.edm_churn}}.get(sampler, {})
-  if sampler != "edm" or s.spacing != "uniform":  # edm's own default spacing is karras
+  if s.spacing is not None:  # else each sampler's own default (uniform; karras for edm)
     options["spacing"] = s.spacing
   net = model(config, info)
   path = paths.from_config(config.diffusion)
