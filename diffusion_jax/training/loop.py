@@ -67,7 +67,13 @@ def train(config, workdir: str, devices=None):
   """Trains config in workdir (resuming if it holds a checkpoint). Returns the state.
 
   devices: the devices of the mesh (default: every device of every host).
+  SIGTERM at any point (even while compiling) saves after the next step and returns.
   """
+  with _Preemption() as preemption:
+    return _train(config, workdir, devices, preemption)
+
+
+def _train(config, workdir, devices, preemption):
   config_lib.validate(config)
   task = tasks.get(config.task)
   mesh = parallel.make_mesh(config.mesh, devices)
@@ -121,38 +127,37 @@ def train(config, workdir: str, devices=None):
       logging.info("Wrote samples to %s", path)
 
   pending, t_last, s_last = [], time.time(), step
-  with _Preemption() as preemption:
-    while step < num_steps:
-      batch = parallel.host_to_global(next(data_iter), mesh)
-      state, metrics = step_fn(state, batch, jax.random.fold_in(step_root, step))
-      step += 1
-      pending.append(metrics)
-      if tc.on_nonfinite == "stop" and int(metrics["nonfinite"]):
-        mngr.wait_until_finished()
-        raise FloatingPointError(
-            f"non-finite loss or gradients at step {step} (config.train.on_nonfinite="
-            f"'stop'); the update was not applied and the checkpoints in "
-            f"{mngr.directory} are intact")
-      if step % tc.log_every == 0 or step == num_steps:
-        host = jax.device_get(pending)
-        means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-        means["nonfinite"] = float(np.sum([m["nonfinite"] for m in host]))
-        now = time.time()
-        rate = (step - s_last) / max(now - t_last, 1e-9)
-        means["steps_per_sec"] = rate
-        writer.write(step, means)
-        if jax.process_index() == 0:
-          logging.info("step %d/%d  loss %.5f  %.2f steps/s  ETA %s", step, num_steps,
-                       means["loss"], rate, _eta((num_steps - step) / max(rate, 1e-9)))
-        pending, t_last, s_last = [], now, step
-      preempted = preemption.reached(step)
-      if preempted or step == num_steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
-        save(step)
-      if tc.sample_every and step % tc.sample_every == 0 and step != num_steps:
-        sample_grid(step)
-      if preempted:
-        logging.warning("Preempted: saved step %d; exiting.", step)
-        break
+  while step < num_steps:
+    batch = parallel.host_to_global(next(data_iter), mesh)
+    state, metrics = step_fn(state, batch, jax.random.fold_in(step_root, step))
+    step += 1
+    pending.append(metrics)
+    if tc.on_nonfinite == "stop" and int(metrics["nonfinite"]):
+      mngr.wait_until_finished()
+      raise FloatingPointError(
+          f"non-finite loss or gradients at step {step} (config.train.on_nonfinite="
+          f"'stop'); the update was not applied and the checkpoints in "
+          f"{mngr.directory} are intact")
+    if step % tc.log_every == 0 or step == num_steps:
+      host = jax.device_get(pending)
+      means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+      means["nonfinite"] = float(np.sum([m["nonfinite"] for m in host]))
+      now = time.time()
+      rate = (step - s_last) / max(now - t_last, 1e-9)
+      means["steps_per_sec"] = rate
+      writer.write(step, means)
+      if jax.process_index() == 0:
+        logging.info("step %d/%d  loss %.5f  %.2f steps/s  ETA %s", step, num_steps,
+                     means["loss"], rate, _eta((num_steps - step) / max(rate, 1e-9)))
+      pending, t_last, s_last = [], now, step
+    preempted = preemption.reached(step)
+    if preempted or step == num_steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
+      save(step)
+    if tc.sample_every and step % tc.sample_every == 0 and step != num_steps:
+      sample_grid(step)
+    if preempted:
+      logging.warning("Preempted: saved step %d; exiting.", step)
+      break
   if step == num_steps:
     if latest != num_steps:
       sample_grid(step)
