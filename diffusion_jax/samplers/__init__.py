@@ -1,5 +1,5 @@
-"""Samplers (compiled loops over a shared denoiser) and guidance wrappers."""
-from diffusion_jax.samplers import guidance, spacing
+"""Samplers (compiled loops over a shared denoiser), guidance and editing wrappers."""
+from diffusion_jax.samplers import editing, guidance, spacing
 from diffusion_jax.samplers.denoiser import make_denoiser
 from diffusion_jax.samplers.solvers import (
   annealed_langevin,
@@ -14,8 +14,8 @@ from diffusion_jax.samplers.solvers import (
   time_grid,
 )
 
-__all__ = ["SAMPLERS", "annealed_langevin", "ddim", "ddpm", "dpm_solver_2m", "edm", "euler", "get", "guidance", "heun",
-           "make_denoiser", "pc", "sde", "spacing", "time_grid"]
+__all__ = ["SAMPLERS", "annealed_langevin", "ddim", "ddpm", "dpm_solver_2m", "edm", "editing", "euler",
+           "get", "guidance", "heun", "make_denoiser", "pc", "sde", "spacing", "time_grid"]
 
 SAMPLERS = {"euler": euler, "ddpm": ddpm, "ddim": ddim, "heun": heun,
             "dpm_solver_2m": dpm_solver_2m, "sde": sde, "pc": pc, "edm": edm,

@@ -1,6 +1,8 @@
 """Samplers: each integrates from t = 1 (noise) to t = 0 (data) with one compiled loop.
 
-All take (denoiser, path, x_init, keys, num_steps, ...) and return (x₀ sample, NFE).
+All take (denoiser, path, x_init, keys, num_steps, ..., spacing=, t_start=) and return
+(x₀ sample, NFE). x_init is pure noise at t_start = 1, or x_{t₀} at t_start = t₀ < 1
+(SDEdit; see `editing.py`).
 `keys` holds one PRNG key per example [B]: a sample's trajectory depends only on its
 own key, so results do not change with batch size, padding or device count.
 They loop with `lax.fori_loop`, so compile time does not grow with num_steps and one
@@ -43,11 +45,12 @@ def _transition(path, t, s):
   return a_t, b_t, a_s, b_s, a_ts, var_ts
 
 
-def euler(denoiser, path, x, keys, num_steps: int, spacing: str = "uniform"):
+def euler(denoiser, path, x, keys, num_steps: int, spacing: str = "uniform",
+  t_start: float = 1.0):
   """Euler on the probability-flow ODE dx/dt = a'(t)·x̂₀ + b'(t)·ε̂ (rectified flow's
   sampler when the network predicts velocity). Deterministic: `keys` are unused."""
   del keys
-  grid = spacing_lib.grid(path, num_steps, spacing)
+  grid = spacing_lib.grid(path, num_steps, spacing, t_start)
 
   def step(k, x):
     t, s = grid[k], grid[k + 1]
@@ -59,13 +62,14 @@ def euler(denoiser, path, x, keys, num_steps: int, spacing: str = "uniform"):
 
 
 def ddpm(denoiser, path, x, keys, num_steps: int, variance: str = "small",
-         spacing: str = "uniform"):
+         spacing: str = "uniform",
+  t_start: float = 1.0):
   """DDPM ancestral sampling (Ho et al. 2020, Alg. 2), generalised to any path and
   any sub-grid: x_s ~ N(μ(x_t, x̂₀), σ²) with σ² = σ̃² ('small', the posterior
   variance β̃_t) or σ²_{t|s} ('large', β_t). No noise is added on the last step."""
   if variance not in ("small", "large"):
     raise ValueError(f"variance={variance!r}: expected 'small' or 'large'")
-  grid = spacing_lib.grid(path, num_steps, spacing)
+  grid = spacing_lib.grid(path, num_steps, spacing, t_start)
 
   def step(k, x):
     t, s = grid[k], grid[k + 1]
@@ -80,10 +84,11 @@ def ddpm(denoiser, path, x, keys, num_steps: int, variance: str = "small",
 
 
 def ddim(denoiser, path, x, keys, num_steps: int, eta: float = 0.0,
-         spacing: str = "uniform"):
+         spacing: str = "uniform",
+  t_start: float = 1.0):
   """DDIM (Song et al. 2021, eq. 12): x_s = a_s·x̂₀ + sqrt(b_s² − σ²)·ε̂ + σ·z with
   σ = η·σ̃. η = 0 is deterministic; η = 1 is ancestral sampling with σ̃²."""
-  grid = spacing_lib.grid(path, num_steps, spacing)
+  grid = spacing_lib.grid(path, num_steps, spacing, t_start)
 
   def step(k, x):
     t, s = grid[k], grid[k + 1]
@@ -102,12 +107,13 @@ def _pf_velocity(denoiser, path, x, t):
   return predictions.velocity(path, x0, eps, jnp.full((x.shape[0],), t))
 
 
-def heun(denoiser, path, x, keys, num_steps: int, spacing: str = "uniform"):
+def heun(denoiser, path, x, keys, num_steps: int, spacing: str = "uniform",
+  t_start: float = 1.0):
   """Heun's 2nd-order method on the PF-ODE dx/dt = a'(t)·x̂₀ + b'(t)·ε̂ (Karras et al.
   2022, Alg. 1): an Euler step to s, then the trapezoid of the slopes at t and s. The
   last step (to t_N = 0) is plain Euler, so NFE = 2N − 1. Deterministic."""
   del keys
-  grid = spacing_lib.grid(path, num_steps, spacing)
+  grid = spacing_lib.grid(path, num_steps, spacing, t_start)
 
   def step(k, x):
     t, s = grid[k], grid[k + 1]
@@ -121,7 +127,8 @@ def heun(denoiser, path, x, keys, num_steps: int, spacing: str = "uniform"):
   return x + (s - t) * _pf_velocity(denoiser, path, x, t), 2 * num_steps - 1
 
 
-def dpm_solver_2m(denoiser, path, x, keys, num_steps: int, spacing: str = "uniform"):
+def dpm_solver_2m(denoiser, path, x, keys, num_steps: int, spacing: str = "uniform",
+  t_start: float = 1.0):
   """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2): the data-prediction
   multistep solver in λ = log(a/b). With h = λ_s − λ_t and r = h_prev/h,
 
@@ -130,7 +137,7 @@ def dpm_solver_2m(denoiser, path, x, keys, num_steps: int, spacing: str = "unifo
   (a_s(1 − e^{−h}) written without λ, which is infinite at a = 0 or b = 0). The first
   step, and the last one to b = 0 (h = ∞), are first order (D = x̂₀: DDIM). NFE = N."""
   del keys
-  grid = spacing_lib.grid(path, num_steps, spacing)
+  grid = spacing_lib.grid(path, num_steps, spacing, t_start)
 
   def log_sigma(t):  # −λ(t); ±inf at the ends of the flow path, used only in ratios
     a, b = path.ab(t)
@@ -174,10 +181,11 @@ def _reverse_sde_step(path, x, x0, eps, t, s, noise):
   return jnp.where(a_t > 0, em, ancestral)
 
 
-def sde(denoiser, path, x, keys, num_steps: int, spacing: str = "uniform"):
+def sde(denoiser, path, x, keys, num_steps: int, spacing: str = "uniform",
+  t_start: float = 1.0):
   """Euler–Maruyama on the reverse-time SDE of the path (Song et al. 2021, "Score-Based
   Generative Modeling through SDEs"); see `_reverse_sde_step`. NFE = N."""
-  grid = spacing_lib.grid(path, num_steps, spacing)
+  grid = spacing_lib.grid(path, num_steps, spacing, t_start)
 
   def step(k, x):
     t, s = grid[k], grid[k + 1]
@@ -193,7 +201,8 @@ def _per_example_norm(x):
 
 
 def pc(denoiser, path, x, keys, num_steps: int, snr: float = 0.16, corrector_steps: int = 1,
-       spacing: str = "uniform"):
+       spacing: str = "uniform",
+  t_start: float = 1.0):
   """Predictor–corrector sampling (Song et al. 2021, Alg. 1/3). At each t_k (> 0):
   `corrector_steps` Langevin steps on p_t,
       x ← x + ε·score + √(2ε)·z,   ε = min(2·(snr·√d/‖score‖)², 2·(snr·b_t)²)
@@ -202,7 +211,7 @@ def pc(denoiser, path, x, keys, num_steps: int, snr: float = 0.16, corrector_ste
   then the reverse-SDE predictor step to t_{k+1} (`_reverse_sde_step`). The corrector
   runs before the predictor, as in the paper's code, so it never needs the score at
   b = 0. NFE = N·(1 + corrector_steps)."""
-  grid = spacing_lib.grid(path, num_steps, spacing)
+  grid = spacing_lib.grid(path, num_steps, spacing, t_start)
   per_step = corrector_steps + 1  # noise draws per step, each from its own fold-in
   dim = x[0].size
 
@@ -242,7 +251,8 @@ def _inverse_sigma(path, sig, iters: int = 40):
 
 
 def edm(denoiser, path, x, keys, num_steps: int, s_churn: float = 0.0, s_tmin: float = 0.05,
-        s_tmax: float = 50.0, s_noise: float = 1.003, spacing: str = "karras"):
+        s_tmax: float = 50.0, s_noise: float = 1.003, spacing: str = "karras",
+  t_start: float = 1.0):
   """EDM's stochastic sampler (Karras et al. 2022, Alg. 2) on any Gaussian path, in the
   scaled variable y = x/a with noise level σ = b/a, where the PF-ODE is dy/dσ = ε̂:
 
@@ -254,7 +264,7 @@ def edm(denoiser, path, x, keys, num_steps: int, s_churn: float = 0.0, s_tmin: f
   x_{i+1} = a_{i+1}·x̂₀ + b_{i+1}·ε̂, which stays finite at a = 0 (the flow path's
   t = 1, σ = ∞: no churn and no Heun correction there). S_churn = 0 is the
   deterministic Heun sampler in σ (EDM Alg. 1). NFE = 2N − 1."""
-  grid = spacing_lib.grid(path, num_steps, spacing)
+  grid = spacing_lib.grid(path, num_steps, spacing, t_start)
   gamma = min(s_churn / num_steps, 2 ** 0.5 - 1)
 
   def churn_and_euler(k, x):
@@ -283,7 +293,8 @@ def edm(denoiser, path, x, keys, num_steps: int, s_churn: float = 0.0, s_tmin: f
 
 
 def annealed_langevin(denoiser, path, x, keys, num_steps: int, steps_per_level: int = 10,
-                      step_size: float = 0.5, spacing: str = "uniform"):
+                      step_size: float = 0.5, spacing: str = "uniform",
+  t_start: float = 1.0):
   """Annealed Langevin dynamics (NCSN; Song & Ermon 2019, Alg. 1; seed 002).
 
   For each noise level t_0 = 1 > … > t_{N−1} of the grid, `steps_per_level` Langevin
@@ -294,7 +305,7 @@ def annealed_langevin(denoiser, path, x, keys, num_steps: int, steps_per_level: 
   Jolicoeur-Martineau et al. 2021), since Langevin at t_{N−1} > 0 samples p_{t_{N−1}},
   not the data. NFE = N·steps_per_level + 1.
   """
-  grid = spacing_lib.grid(path, num_steps, spacing)
+  grid = spacing_lib.grid(path, num_steps, spacing, t_start)
 
   def level(k, x):
     t = grid[k]

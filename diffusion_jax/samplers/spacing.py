@@ -1,4 +1,5 @@
-"""Time-step spacings: a decreasing grid t_0 = 1 > t_1 > ... > t_N = 0.
+"""Time-step spacings: a decreasing grid t_0 = 1 > t_1 > ... > t_N = 0 (t_0 = t_start < 1
+for SDEdit, which starts from a partly noised image).
 
   uniform  t_i = 1 − i/N (the samplers' default, `solvers.time_grid`).
   karras   EDM (Karras et al. 2022, eq. 5) in σ = b/a:
@@ -23,18 +24,20 @@ import numpy as np
 SPACINGS = ("uniform", "karras", "logsnr")
 
 
-def _check(path, num_steps):
+def _check(path, num_steps, t_start):
   if num_steps < 1:
     raise ValueError(f"num_steps={num_steps} must be >= 1")
-  if path.discrete and num_steps > path.num_steps:
-    raise ValueError(f"num_steps={num_steps} exceeds the path's {path.num_steps} "
-                     "discrete steps")
+  if not 0.0 < t_start <= 1.0:
+    raise ValueError(f"t_start={t_start} must be in (0, 1]")
+  if path.discrete and num_steps > round(t_start * path.num_steps):
+    raise ValueError(f"num_steps={num_steps} exceeds the path's "
+                     f"{round(t_start * path.num_steps)} discrete steps below t={t_start}")
 
 
-def uniform(path, num_steps: int):
-  """t_0 = 1 > t_1 > ... > t_N = 0, uniform in t (snapped to a discrete path's grid)."""
-  _check(path, num_steps)
-  return path.snap(jnp.linspace(1.0, 0.0, num_steps + 1))
+def uniform(path, num_steps: int, t_start: float = 1.0):
+  """t_0 = t_start > t_1 > ... > t_N = 0, uniform in t (snapped to a discrete path's grid)."""
+  _check(path, num_steps, t_start)
+  return path.snap(jnp.linspace(t_start, 0.0, num_steps + 1))
 
 
 def sigma(path, t) -> np.ndarray:
@@ -57,10 +60,11 @@ def inverse_sigma(path, sig) -> np.ndarray:
   return 0.5 * (lo + hi)
 
 
-def sigma_range(path, sigma_min: float = 0.002, sigma_max: float = 80.0):
+def sigma_range(path, sigma_min: float = 0.002, sigma_max: float = 80.0, t_start: float = 1.0):
   """(σ_min, σ_max) the non-uniform spacings span (see the module docstring)."""
   t_min = 1.0 / path.num_steps if path.discrete else 0.0
-  return (max(float(sigma(path, t_min)), sigma_min), min(float(sigma(path, 1.0)), sigma_max))
+  return (max(float(sigma(path, t_min)), sigma_min),
+          min(float(sigma(path, t_start)), sigma_max))
 
 
 def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0):
@@ -69,11 +73,11 @@ def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float
   return (sigma_max ** (1 / rho) + u * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
-def _from_sigmas(path, sigmas):
-  """t_i = σ⁻¹(σ_i) for i < N, then t_0 := 1, t_N := 0; snapped and kept strict."""
+def _from_sigmas(path, sigmas, t_start):
+  """t_i = σ⁻¹(σ_i) for i < N, then t_0 := t_start, t_N := 0; snapped and kept strict."""
   n = len(sigmas)
   t = np.concatenate([inverse_sigma(path, sigmas), [0.0]])
-  t[0] = 1.0
+  t[0] = t_start
   if path.discrete:
     k = np.round(t * path.num_steps).astype(np.int64)
     for i in range(1, n + 1):        # strictly decreasing from the top ...
@@ -86,23 +90,24 @@ def _from_sigmas(path, sigmas):
 
 
 def karras(path, num_steps: int, rho: float = 7.0, sigma_min: float = 0.002,
-           sigma_max: float = 80.0):
+           sigma_max: float = 80.0, t_start: float = 1.0):
   """EDM's ρ-spacing in σ = b/a (Karras et al. 2022, eq. 5), as times t_0..t_N."""
-  _check(path, num_steps)
-  return _from_sigmas(path, karras_sigmas(num_steps, *sigma_range(path, sigma_min, sigma_max),
-                                          rho))
+  _check(path, num_steps, t_start)
+  rng = sigma_range(path, sigma_min, sigma_max, t_start)
+  return _from_sigmas(path, karras_sigmas(num_steps, *rng, rho), t_start)
 
 
-def logsnr(path, num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0):
+def logsnr(path, num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
+           t_start: float = 1.0):
   """Uniform in log-SNR λ = log(a²/b²) (Lu et al. 2022), as times t_0..t_N."""
-  _check(path, num_steps)
-  lo, hi = sigma_range(path, sigma_min, sigma_max)
-  return _from_sigmas(path, np.exp(np.linspace(np.log(hi), np.log(lo), num_steps)))
+  _check(path, num_steps, t_start)
+  lo, hi = sigma_range(path, sigma_min, sigma_max, t_start)
+  return _from_sigmas(path, np.exp(np.linspace(np.log(hi), np.log(lo), num_steps)), t_start)
 
 
-def grid(path, num_steps: int, spacing: str = "uniform"):
-  """The time grid of a spacing by name."""
+def grid(path, num_steps: int, spacing: str = "uniform", t_start: float = 1.0):
+  """The time grid of a spacing by name, from t_start (< 1: SDEdit's t₀) down to 0."""
   fns = {"uniform": uniform, "karras": karras, "logsnr": logsnr}
   if spacing not in fns:
     raise ValueError(f"spacing={spacing!r}: expected one of {SPACINGS}")
-  return fns[spacing](path, num_steps)
+  return fns[spacing](path, num_steps, t_start=t_start)
