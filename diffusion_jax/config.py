@@ -14,7 +14,8 @@ from ml_collections import config_dict
 
 # Keys whose change makes an existing checkpoint unusable (shapes/structure of the
 # state). Resuming a workdir with a different value is an error naming the key.
-STRUCTURAL_KEYS = ("task", "model", "data.name", "data.image_size", "optim.name")
+STRUCTURAL_KEYS = ("task", "model", "data.name", "data.image_size", "optim.name",
+                   "superres.low_res")
 
 
 def base() -> ml_collections.ConfigDict:
@@ -42,6 +43,19 @@ def base() -> ml_collections.ConfigDict:
   c.model.num_heads = 4
   c.model.dropout = 0.0
   c.model.dtype = "float32"               # compute dtype; parameters stay float32
+  c.model.class_conditional = True        # False: labels are ignored (unconditional model)
+
+  # Super-resolution (a cascade's upsampling stage): the denoiser also sees the image
+  # downsampled to low_res × low_res and upsampled back, as extra input channels.
+  c.superres = ml_collections.ConfigDict()
+  c.superres.low_res = 0                  # 0: off
+  c.superres.noise_aug = 0.0              # std of Gaussian noise on the low-res input (train and sample)
+
+  # The classifier task (config.task='classifier'): the U-Net's encoder with the
+  # config.model size keys, trained on x_t of config.diffusion's path (classifier
+  # guidance) or on clean images.
+  c.classifier = ml_collections.ConfigDict()
+  c.classifier.noise_conditional = True   # False: clean images only (t = 0)
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.path = "flow"               # flow | vp_discrete | vp_linear | vp_cosine | sub_vp | ve | edm
@@ -108,7 +122,7 @@ def base() -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
-    "task": ("diffusion",),
+    "task": ("diffusion", "classifier"),
     "model.name": ("unet",),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "diffusion.path": ("flow", "vp_discrete", "vp_linear", "vp_cosine", "sub_vp", "ve", "edm"),
@@ -146,7 +160,8 @@ def validate(config) -> None:
   for key in _POSITIVE:
     if get(config, key) <= 0:
       raise ValueError(f"config.{key}={get(config, key)!r} must be > 0")
-  for key in ("train.checkpoint_every", "train.sample_every", "optim.warmup_steps"):
+  for key in ("train.checkpoint_every", "train.sample_every", "optim.warmup_steps",
+              "superres.low_res", "superres.noise_aug"):
     if get(config, key) < 0:
       raise ValueError(f"config.{key}={get(config, key)!r} must be >= 0")
   if not 0 <= config.diffusion.label_dropout < 1:

@@ -6,6 +6,7 @@ from diffusion_jax.data.pipeline import (
     get_source,
     load_arrays,
     make_train_iterator,
+    to_model_image,
 )
 
 __all__ = [
@@ -15,4 +16,5 @@ __all__ = [
     "load_arrays",
     "make_train_iterator",
     "prepare",
+    "to_model_image",
 ]

@@ -138,7 +138,7 @@ def _center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(pil).reshape(size, size, channels)
 
 
-def _to_model_image(image: np.ndarray, image_size: int | None) -> np.ndarray:
+def to_model_image(image: np.ndarray, image_size: int | None) -> np.ndarray:
   """uint8 [H,W,C] -> float32 [H',W',C] in [-1, 1], resized if image_size."""
   if image_size:
     image = _center_crop_resize(image, image_size)
@@ -154,7 +154,7 @@ def _preprocess(
     conditional: bool,
 ) -> dict[str, np.ndarray]:
   """Source element -> {"image": float32 [H,W,C], "label": int32 []}."""
-  image = _to_model_image(element["image"], image_size)
+  image = to_model_image(element["image"], image_size)
   if random_flip and rng.random() < 0.5:
     image = image[:, ::-1]
   label = element["label"] if conditional else 0
@@ -258,7 +258,7 @@ def load_arrays(
   """
   source, info = get_source(name, split, data_dir, image_size=image_size)
   elements = [source[i] for i in range(len(source))]
-  images = np.stack([_to_model_image(e["image"], image_size) for e in elements])
+  images = np.stack([to_model_image(e["image"], image_size) for e in elements])
   labels = np.asarray(
       [e["label"] if info.num_classes else 0 for e in elements], np.int32
   )

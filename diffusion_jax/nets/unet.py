@@ -1,6 +1,9 @@
 """The U-Net denoiser (DDPM, Ho et al. 2020; ADM, Dhariwal & Nichol 2021; seed 002).
 
-x [B, H, W, C], t [B] ∈ [0, 1], labels [B] → prediction [B, H, W, C].
+x [B, H, W, C], t [B] ∈ [0, 1], labels [B] → prediction [B, H, W, C]. An optional
+`cond` [B, H, W, C'] is concatenated to x as extra input channels (the
+super-resolution stage of a cascade conditions on its upsampled low-res image this
+way; Saharia et al. 2021, Ho et al. 2022).
 
 Down path of `len(channel_mult)` levels with `num_res_blocks` residual blocks each,
 self-attention at the resolutions in `attn_resolutions`, a middle block, and an up path
@@ -55,7 +58,7 @@ class UNet(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, t, labels=None, *, train: bool = False):
+  def __call__(self, x, t, labels=None, *, cond=None, train: bool = False):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     emb_dim = 4 * self.channels
     emb = timestep_embedding(t, self.channels)
@@ -71,6 +74,8 @@ class UNet(nn.Module):
         h = SelfAttention2D(self.num_heads, **kw)(h)
       return h
 
+    if cond is not None:  # image conditioning (super-resolution): extra input channels
+      x = jnp.concatenate([x, cond.astype(x.dtype)], axis=-1)
     h = nn.Conv(self.channels, (3, 3), **kw)(x.astype(self.dtype))
     skips = [h]
     for level, mult in enumerate(self.channel_mult):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def noise_to(path, y, t0: float, keys):
@@ -47,3 +48,32 @@ def inpaint(denoiser, path, known, mask):
 def paste(x, known, mask):
   """The known pixels into the final sample: mask·known + (1 − mask)·x."""
   return mask * known + (1.0 - mask) * x
+
+
+REGIONS = ("center", "left", "right", "top", "bottom")
+
+
+def mask(region, num: int, shape) -> np.ndarray:
+  """Inpainting mask float32 [num, H, W, 1], 1 = keep the input's pixel.
+
+  region: a name in REGIONS — the part to regenerate (the central half-size square, or
+  a half of the image) — or an array [H, W] or [num, H, W] of 0/1 (1 = keep).
+  """
+  h, w = shape[0], shape[1]
+  if isinstance(region, str):
+    if region not in REGIONS:
+      raise ValueError(f"inpainting region {region!r}: expected one of {REGIONS} or a mask")
+    keep = np.ones((h, w), np.float32)
+    sl = {"center": (slice(h // 4, h - h // 4), slice(w // 4, w - w // 4)),
+          "left": (slice(None), slice(0, w // 2)), "right": (slice(None), slice(w // 2, None)),
+          "top": (slice(0, h // 2), slice(None)), "bottom": (slice(h // 2, None), slice(None))}
+    keep[sl[region]] = 0.0
+    region = keep
+  region = np.asarray(region, np.float32)
+  if region.shape[-2:] != (h, w) or region.ndim not in (2, 3):
+    raise ValueError(f"inpainting mask of shape {region.shape}: expected [{h}, {w}] or "
+                     f"[N, {h}, {w}]")
+  if not np.all((region == 0) | (region == 1)):
+    raise ValueError("inpainting mask values must be 0 (regenerate) or 1 (keep)")
+  region = np.broadcast_to(region, (1, h, w)) if region.ndim == 2 else region
+  return np.resize(region, (num, h, w))[..., None]

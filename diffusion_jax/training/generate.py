@@ -9,37 +9,34 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from diffusion_jax import checkpoint, config as config_lib, data, parallel
+from diffusion_jax import checkpoint, config as config_lib, data, parallel, samplers
+from diffusion_jax.diffusion import paths
 from diffusion_jax.training import tasks
 
 
 def compile_sampler(sample_fn):
-  """jit of (params, labels [N], indices [N], key) -> images, keys derived per index."""
-  def run(params, labels, indices, key):
+  """jit of (params, cond, indices [N], key, *extra) -> images, keys derived per index."""
+  def run(params, cond, indices, key, *extra):
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
-    images, _ = sample_fn(params, labels, keys)
+    images, _ = sample_fn(params, cond, keys, *extra)
     return images
   return jax.jit(run)
 
 
-def generate(compiled, params, labels: np.ndarray, key, mesh) -> np.ndarray:
-  """labels int [N] → images float32 [N, H, W, C] in [-1, 1] (numpy, on every host)."""
-  n = len(labels)
+def generate(compiled, params, cond: dict, key, mesh, *extra) -> np.ndarray:
+  """cond: per-example numpy arrays [N, ...] ("label" always) → images float32
+  [N, H, W, C] in [-1, 1] (numpy, on every host). extra: further arguments of the
+  sampler (classifier parameters)."""
+  n = len(cond["label"])
   n_dev = mesh.devices.size
   padded = -(-n // n_dev) * n_dev
-  labels = np.concatenate([labels, np.zeros(padded - n, labels.dtype)]).astype(np.int32)
-  indices = np.arange(padded, dtype=np.int32)
   sharding = parallel.batch_sharding(mesh)
   put = lambda a: jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
-  images = compiled(params, put(labels), put(indices), key)
+  pad = lambda a: np.concatenate([a, np.zeros((padded - n,) + a.shape[1:], a.dtype)])
+  cond = {k: put(pad(np.asarray(v, np.int32 if k == "label" else np.float32)))
+          for k, v in cond.items()}
+  images = compiled(params, cond, put(np.arange(padded, dtype=np.int32)), key, *extra)
   return parallel.to_host(images)[:n]
-
-
-def class_grid_labels(num_classes: int, per_class: int) -> np.ndarray:
-  """One row per class: [0]*per_class + [1]*per_class + ... (unconditional: 8×8 zeros)."""
-  if not num_classes:
-    return np.zeros(64, np.int32)
-  return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
 
 
 def load_run(workdir: str, step: int | None = None, mesh=None):
@@ -80,13 +77,80 @@ def resolve_labels(info, num_samples: int, labels=None) -> np.ndarray:
 
 
 def sample_run(workdir: str, num_samples: int, labels=None, *, seed: int = 0, sampler=None,
-               num_steps=None, guidance=None, step=None, use_ema: bool = True):
+               num_steps=None, guidance=None, step=None, use_ema: bool = True, inputs=None,
+               inpaint=None, strength: float = 1.0, classifier_workdir: str | None = None,
+               classifier_scale: float = 1.0):
   """Samples a trained run → (images float [N,H,W,C] in [-1, 1], labels int [N], info,
-  checkpoint step). Labels as in `resolve_labels`."""
+  checkpoint step). Labels as in `resolve_labels`.
+
+  inputs: images float [M, h, w, C] in [-1, 1], cycled to N. For a super-resolution
+    run, the low-resolution conditioning (downsampled to config.superres.low_res when
+    larger); otherwise the source images of SDEdit (strength < 1) and inpainting.
+  inpaint: the region to regenerate (a name in `editing.REGIONS`) or a mask [H, W] or
+    [N, H, W] (1 = keep the input's pixel).
+  strength: SDEdit's t₀ (1 = start from pure noise).
+  classifier_workdir, classifier_scale: classifier guidance by a run of the
+    classifier task on the same path and data shape.
+  """
   config, info, state, mesh, step = load_run(workdir, step)
-  labels = resolve_labels(info, num_samples, labels)
-  sample_fn = tasks.get(config.task).sample(config, info, sampler=sampler,
-                                             num_steps=num_steps, guidance=guidance)
+  task = tasks.get(config.task)
+  if not hasattr(task, "sample"):
+    raise ValueError(f"{workdir} holds a {config.task!r} run, which does not sample")
+  n, shape = num_samples, tuple(info.image_shape)
+  cond = {"label": resolve_labels(info, n, labels)}
+  if inputs is not None:
+    inputs = np.asarray(inputs, np.float32)
+    if inputs.ndim != 4 or inputs.shape[-1] != shape[-1]:
+      raise ValueError(f"input images have shape {inputs.shape}; expected [N, H, W, "
+                       f"{shape[-1]}]")
+  if config.superres.low_res:
+    low = config.superres.low_res
+    if inputs is None:
+      raise ValueError(f"{workdir} is a super-resolution model ({low}×{low} → "
+                       f"{shape[0]}×{shape[1]}): give its low-resolution input images")
+    if inputs.shape[1] < low or inputs.shape[1] != inputs.shape[2]:
+      raise ValueError(f"input images of shape {inputs.shape[1:]} cannot condition a "
+                       f"{low}×{low} super-resolution model")
+    if inputs.shape[1] > low:
+      inputs = np.asarray(task.downsample(config, inputs))
+    cond["low_res"] = np.resize(inputs, (n, low, low, shape[-1]))
+  elif inputs is not None:
+    if inputs.shape[1:] != shape:
+      raise ValueError(f"input images of shape {inputs.shape[1:]} do not match the "
+                       f"model's {shape}")
+    cond["image"] = np.resize(inputs, (n,) + shape)
+  if (inpaint is not None or strength < 1) and "image" not in cond:
+    raise ValueError("inpainting and SDEdit (strength < 1) need input images")
+  if inpaint is not None:
+    cond["mask"] = samplers.editing.mask(inpaint, n, shape)
+  classifier, extra = None, ()
+  if classifier_workdir:
+    c_config, c_info, c_state, _, _ = load_run(classifier_workdir, mesh=mesh)
+    _check_classifier(config, info, c_config, c_info, classifier_workdir)
+    classifier = (tasks.get("classifier").log_prob_fn(c_config, c_info), classifier_scale)
+    extra = (c_state.ema_params,)
+  sample_fn = task.sample(config, info, sampler=sampler, num_steps=num_steps,
+                          guidance=guidance, strength=strength, classifier=classifier)
   params = state.ema_params if use_ema else state.params
-  images = generate(compile_sampler(sample_fn), params, labels, jax.random.key(seed), mesh)
-  return images, labels, info, step
+  images = generate(compile_sampler(sample_fn), params, cond, jax.random.key(seed), mesh,
+                    *extra)
+  return images, cond["label"], info, step
+
+
+def _check_classifier(config, info, c_config, c_info, c_workdir):
+  """A guiding classifier must be a classifier run on the same path and data shape."""
+  problems = []
+  if c_config.task != "classifier":
+    problems.append(f"it is a {c_config.task!r} run, not a 'classifier' run")
+  if paths.from_config(c_config.diffusion) != paths.from_config(config.diffusion):
+    problems.append(f"its path (config.diffusion.path={c_config.diffusion.path!r} ...) "
+                    f"differs from the model's ({config.diffusion.path!r} ...)")
+  if not c_config.classifier.noise_conditional:
+    problems.append("it was trained on clean images only "
+                    "(config.classifier.noise_conditional=False)")
+  if tuple(c_info.image_shape) != tuple(info.image_shape) or c_info.num_classes != info.num_classes:
+    problems.append(f"its data ({tuple(c_info.image_shape)}, {c_info.num_classes} classes) "
+                    f"differs from the model's ({tuple(info.image_shape)}, "
+                    f"{info.num_classes} classes)")
+  if problems:
+    raise ValueError(f"cannot guide with {c_workdir}: " + "; ".join(problems))

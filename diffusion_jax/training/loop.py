@@ -110,7 +110,10 @@ def _train(config, workdir, devices, preemption):
   repl, batch_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   step_fn = jax.jit(task.train_step(config, info), in_shardings=(shardings, batch_sh, repl),
                     out_shardings=(shardings, repl), donate_argnums=(0,))
-  sampler = generate.compile_sampler(task.sample(config, info))
+  sampler = grid = None
+  if hasattr(task, "sample"):  # tasks that generate get sample grids
+    sampler = generate.compile_sampler(task.sample(config, info))
+    grid = task.grid_conditioning(config, info)
   writer = writers.MetricWriter(workdir)
   num_steps, tc = config.train.num_steps, config.train
   step = int(jax.device_get(state.step))
@@ -119,10 +122,11 @@ def _train(config, workdir, devices, preemption):
     checkpoint.save(mngr, step, state, data_iter.get_state(), meta)
 
   def sample_grid(step):
-    labels = generate.class_grid_labels(info.num_classes, config.sample.per_class)
-    images = generate.generate(sampler, state.ema_params, labels, sample_key, mesh)
+    if sampler is None:
+      return
+    cond, rows = grid
+    images = generate.generate(sampler, state.ema_params, cond, sample_key, mesh)
     if jax.process_index() == 0:
-      rows = info.num_classes or 8
       path = io.save_grid(os.path.join(workdir, "samples", f"step_{step:07d}.png"), images, rows)
       logging.info("Wrote samples to %s", path)
 

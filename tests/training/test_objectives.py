@@ -41,6 +41,6 @@ def test_objective_trains_and_samples(data_dir, path, prediction, weight, time_s
     assert int(m["nonfinite"]) == 0 and float(m["grad_norm"]) > 0
   assert np.all(np.isfinite(losses))
   images, nfe = jax.jit(task.sample(c, info))(
-      state.ema_params, jnp.arange(4) % 10, jax.random.split(jax.random.key(9), 4))
+      state.ema_params, {"label": jnp.arange(4) % 10}, jax.random.split(jax.random.key(9), 4))
   assert images.shape == (4, 8, 8, 1) and np.all(np.isfinite(np.asarray(images)))
   assert nfe == 3 * 2  # CFG: two network passes per step

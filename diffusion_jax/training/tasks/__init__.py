@@ -1,7 +1,7 @@
 """Tasks: one module per model family (see diffusion.py for the interface)."""
-from diffusion_jax.training.tasks import diffusion
+from diffusion_jax.training.tasks import classifier, diffusion
 
-TASKS = {"diffusion": diffusion}
+TASKS = {"diffusion": diffusion, "classifier": classifier}
 
 
 def get(name: str):
