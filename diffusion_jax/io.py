@@ -13,6 +13,11 @@ def to_uint8(images) -> np.ndarray:
   return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
+def from_uint8(images) -> np.ndarray:
+  """uint8 [0, 255] → float32 [-1, 1] (the inverse of `to_uint8` on its outputs)."""
+  return np.asarray(images, np.float32) / 127.5 - 1.0
+
+
 def grid(images: np.ndarray, rows: int, pad: int = 1) -> np.ndarray:
   """uint8 [N, H, W, C] → one uint8 image [rows·(H+pad)+pad, cols·(W+pad)+pad, C]
   filled row-major (image i at row i // cols)."""

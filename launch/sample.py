@@ -3,6 +3,16 @@ r"""Sample from a trained run (EMA parameters by default).
   diffusion-jax-sample --workdir=/tmp/run --num_samples=64 --output=samples.npz \
       [--labels=0,1,2] [--sampler=ddim] [--steps=50] [--guidance=2] [--seed=0] [--grid]
 
+Editing and conditioning, with --input=FILE.npz (`images` uint8 [M, H, W, C], cycled
+to N; its `labels`, where >= 0, are used unless --labels is given):
+  --strength=0.5             SDEdit: noise the inputs to t₀ = 0.5 and solve back
+  --inpaint=center           regenerate a region (center|left|right|top|bottom) or the
+                             0s of a mask .npz (`mask` [H, W] or [N, H, W], 1 = keep)
+  super-resolution runs      --input is the low-resolution stage (e.g. another run's
+                             samples: a cascade), downsampled if larger
+  --classifier_workdir=DIR --classifier_scale=S   classifier guidance by a run of the
+                             classifier task (same path and data)
+
 Writes `images` (uint8 [N, H, W, C]) and `labels` (int32 [N]; -1 for unconditional
 models) to the .npz, and with --grid a PNG beside it. Deterministic for a given seed,
 whatever the number of devices.
@@ -28,7 +38,41 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _GRID = flags.DEFINE_bool("grid", False, "Also write a PNG grid next to --output.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _RAW = flags.DEFINE_bool("raw_params", False, "Use the raw parameters instead of the EMA.")
+_INPUT = flags.DEFINE_string("input", None, "Input images .npz (SDEdit, inpainting, "
+                             "super-resolution).")
+_STRENGTH = flags.DEFINE_float("strength", 1.0, "SDEdit t0 in (0, 1]; 1 = from pure noise.")
+_INPAINT = flags.DEFINE_string("inpaint", None, "Region to regenerate, or a mask .npz.")
+_CLS_WORKDIR = flags.DEFINE_string("classifier_workdir", None,
+                                   "Classifier run for classifier guidance.")
+_CLS_SCALE = flags.DEFINE_float("classifier_scale", 1.0, "Classifier guidance scale s.")
 flags.mark_flags_as_required(["workdir", "output"])
+
+
+def _read_npz(path: str, key: str) -> np.ndarray:
+  try:
+    with np.load(path) as f:
+      if key not in f:
+        raise KeyError(f"{path} has no array {key!r} (it has {sorted(f.files)})")
+      return f[key]
+  except (OSError, ValueError) as e:
+    raise OSError(f"cannot read {path}: {e}") from e
+
+
+def _inputs():
+  """(images float [-1, 1] or None, labels list or None, inpaint region or mask)."""
+  images = labels = None
+  if _INPUT.value:
+    raw = _read_npz(_INPUT.value, "images")
+    if raw.dtype != np.uint8:
+      raise ValueError(f"{_INPUT.value}: `images` must be uint8 [N, H, W, C], got {raw.dtype}")
+    images = io.from_uint8(raw)
+    with np.load(_INPUT.value) as f:
+      if "labels" in f and np.all(f["labels"] >= 0):
+        labels = f["labels"].tolist()
+  inpaint = _INPAINT.value
+  if inpaint and inpaint.endswith(".npz"):
+    inpaint = _read_npz(inpaint, "mask")
+  return images, labels, inpaint
 
 
 def main(argv):
@@ -36,10 +80,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.start()
   try:
+    inputs, input_labels, inpaint = _inputs()
     images, labels, info, step = generate.sample_run(
-        _WORKDIR.value, _NUM.value, _LABELS.value, seed=_SEED.value, sampler=_SAMPLER.value,
-        num_steps=_STEPS.value, guidance=_GUIDANCE.value, step=_STEP.value,
-        use_ema=not _RAW.value)
+        _WORKDIR.value, _NUM.value, _LABELS.value or input_labels, seed=_SEED.value,
+        sampler=_SAMPLER.value, num_steps=_STEPS.value, guidance=_GUIDANCE.value,
+        step=_STEP.value, use_ema=not _RAW.value, inputs=inputs, inpaint=inpaint,
+        strength=_STRENGTH.value, classifier_workdir=_CLS_WORKDIR.value,
+        classifier_scale=_CLS_SCALE.value)
   except common.USER_ERRORS as e:
     common.fail(e)
   if jax.process_index() == 0:
