@@ -134,6 +134,12 @@ def sample_run(workdir: str, num_samples: int, labels=None, *, seed: int = 0, sa
   params = state.ema_params if use_ema else state.params
   images = generate(compile_sampler(sample_fn), params, cond, jax.random.key(seed), mesh,
                     *extra)
+  if not np.all(np.isfinite(images)):
+    bad = int(np.sum(~np.all(np.isfinite(images.reshape(n, -1)), axis=1)))
+    raise FloatingPointError(
+        f"{bad} of {n} samples are not finite (sampler "
+        f"{sampler or config.sample.sampler!r}, {num_steps or config.sample.num_steps} "
+        f"steps, checkpoint step {step}); nothing was written")
   return images, cond["label"], info, step
 
 

@@ -126,6 +126,9 @@ def _train(config, workdir, devices, preemption):
       return
     cond, rows = grid
     images = generate.generate(sampler, state.ema_params, cond, sample_key, mesh)
+    if not np.all(np.isfinite(images)):
+      logging.warning("step %d: non-finite values in the sample grid (config.sample.sampler=%r)",
+                      step, config.sample.sampler)
     if jax.process_index() == 0:
       path = io.save_grid(os.path.join(workdir, "samples", f"step_{step:07d}.png"), images, rows)
       logging.info("Wrote samples to %s", path)

@@ -1,46 +1,46 @@
-"""Every family of objective trains on real data: a few steps of the diffusion task for
-representative (path, prediction, weighting) combinations, then one sample call."""
-import jax
-import jax.numpy as jnp
+"""Every objective and every sampler in a real (small) training run through the command
+line: each row trains a few steps of the diffusion task with `launch/train.py` (its
+end-of-run sample grid uses the row's sampler), then samples with `launch/sample.py`.
+Together the rows cover every path, prediction, loss weighting, time sampling and
+sampler. Two rows run by default; `-m slow` runs them all."""
 import numpy as np
 import pytest
 
-from conftest import tiny_config
-from diffusion_jax import data
-from diffusion_jax.training import loop, tasks
+from conftest import quickstart_args, read_metrics, run_cli
 
-_slow = pytest.mark.slow  # each combination compiles its own step; two run by default
-COMBOS = [
-    ("ve", "score", "snr", "uniform"),          # NCSN: DSM with λ(σ) = σ²
-    ("edm", "edm", "edm", "uniform"),           # EDM preconditioning and weighting
-    pytest.param("vp_linear", "v", "min_snr", "logit_normal", marks=_slow),
-    pytest.param("sub_vp", "eps", "uniform", "uniform", marks=_slow),
-    pytest.param("vp_discrete", "eps", "vlb", "discrete", marks=_slow),  # DDPM's bound weighting
-    pytest.param("vp_cosine", "x", "snr", "uniform", marks=_slow),
+_slow = pytest.mark.slow  # each row compiles its own step and sampler (~25 s)
+ROWS = [  # path, prediction, loss weight, time sampling, sampler
+    ("ve", "score", "snr", "uniform", "annealed_langevin"),   # NCSN: DSM with λ(σ) = σ²
+    ("edm", "edm", "edm", "uniform", "edm"),                  # EDM preconditioning + sampler
+    pytest.param("vp_linear", "v", "min_snr", "logit_normal", "pc", marks=_slow),
+    pytest.param("sub_vp", "eps", "uniform", "uniform", "sde", marks=_slow),
+    pytest.param("vp_discrete", "eps", "vlb", "discrete", "ddpm", marks=_slow),  # DDPM's bound
+    pytest.param("vp_cosine", "x", "snr", "uniform", "dpm_solver_2m", marks=_slow),
+    pytest.param("flow", "velocity", "uniform", "logit_normal", "heun", marks=_slow),
+    pytest.param("vp_discrete", "eps", "uniform", "discrete", "ddim", marks=_slow),
+    pytest.param("flow", "x", "uniform", "uniform", "euler", marks=_slow),
 ]
 
 
-@pytest.mark.parametrize("path,prediction,weight,time_sampling", COMBOS)
-def test_objective_trains_and_samples(data_dir, path, prediction, weight, time_sampling):
-  c = tiny_config(data_dir, **{"diffusion.path": path, "diffusion.prediction": prediction,
-                               "diffusion.loss_weight": weight,
-                               "diffusion.time_sampling": time_sampling,
-                               "diffusion.t_min": 0.02, "sample.sampler": "ddim",
-                               "sample.num_steps": 3, "optim.warmup_steps": 0})
+@pytest.mark.parametrize("path,prediction,weight,time_sampling,sampler", ROWS)
+def test_objective_and_sampler_through_the_command_line(data_dir, tmp_path, path, prediction,
+                                                       weight, time_sampling, sampler):
+  flags = [f"--config.diffusion.path={path}", f"--config.diffusion.prediction={prediction}",
+           f"--config.diffusion.loss_weight={weight}",
+           f"--config.diffusion.time_sampling={time_sampling}",
+           "--config.diffusion.t_min=0.02", f"--config.sample.sampler={sampler}",
+           "--config.sample.num_steps=3", "--config.optim.warmup_steps=0",
+           "--config.train.num_steps=3", "--config.train.log_every=1"]
   if path == "edm":
-    c.diffusion.sigma_min, c.diffusion.sigma_max = 0.002, 80.0
-  info = loop.dataset_info(c)
-  task = tasks.get(c.task)
-  state = task.init(c, jax.random.key(0), info)
-  step = jax.jit(task.train_step(c, info))
-  it = data.make_train_iterator(c.data, seed=0)
-  losses = []
-  for i in range(3):
-    state, m = step(state, next(it), jax.random.key(i))
-    losses.append(float(m["loss"]))
-    assert int(m["nonfinite"]) == 0 and float(m["grad_norm"]) > 0
-  assert np.all(np.isfinite(losses))
-  images, nfe = jax.jit(task.sample(c, info))(
-      state.ema_params, {"label": jnp.arange(4) % 10}, jax.random.split(jax.random.key(9), 4))
-  assert images.shape == (4, 8, 8, 1) and np.all(np.isfinite(np.asarray(images)))
-  assert nfe == 3 * 2  # CFG: two network passes per step
+    flags += ["--config.diffusion.sigma_min=0.002", "--config.diffusion.sigma_max=80.0"]
+  if path == "vp_discrete" and sampler == "ddim":
+    flags += ["--config.diffusion.beta_schedule=cosine"]
+  run_cli("train", quickstart_args(tmp_path, data_dir, *flags))
+  metrics = read_metrics(tmp_path)
+  assert [m["step"] for m in metrics] == [1, 2, 3]
+  assert all(np.isfinite(m["loss"]) and m["nonfinite"] == 0 and m["grad_norm"] > 0
+             for m in metrics)
+  assert (tmp_path / "samples" / "step_0000003.png").exists()
+  out = tmp_path / "s.npz"  # sample refuses non-finite samples, naming the sampler
+  run_cli("sample", [f"--workdir={tmp_path}", "--num_samples=4", f"--output={out}"])
+  assert np.load(out)["images"].shape == (4, 8, 8, 1)
