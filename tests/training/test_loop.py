@@ -96,7 +96,10 @@ def _load_config(path):
 
 
 # Large models compile for tens of seconds on the 2-core machine: tested with -m slow.
-_SLOW_CONFIGS = {"cifar10_ddpm.py"}  # 35.7M parameters: ~37 s
+# (The mnist5k ones share the quickstart's code paths; super-resolution also has its
+# own command-line test in tests/test_cli.py.)
+_SLOW_CONFIGS = {"cifar10_ddpm.py",      # 35.7M parameters: ~37 s
+                 "mnist5k_flow.py", "mnist5k_superres.py"}  # 3-level 32-ch U-Nets: ~20 s each
 CONFIGS = [pytest.param(p, marks=pytest.mark.slow) if os.path.basename(p) in _SLOW_CONFIGS else p
            for p in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))]
 

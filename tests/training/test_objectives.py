@@ -2,16 +2,16 @@
 line: each row trains a few steps of the diffusion task with `launch/train.py` (its
 end-of-run sample grid uses the row's sampler), then samples with `launch/sample.py`.
 Together the rows cover every path, prediction, loss weighting, time sampling and
-sampler. Two rows run by default; `-m slow` runs them all."""
+sampler. One row runs by default; `-m slow` runs the rest."""
 import numpy as np
 import pytest
 
 from conftest import quickstart_args, read_metrics, run_cli
 
-_slow = pytest.mark.slow  # each row compiles its own step and sampler (~25 s)
+_slow = pytest.mark.slow  # each row compiles its own step and sampler (~25-30 s)
 ROWS = [  # path, prediction, loss weight, time sampling, sampler
-    ("ve", "score", "snr", "uniform", "annealed_langevin"),   # NCSN: DSM with λ(σ) = σ²
     ("edm", "edm", "edm", "uniform", "edm"),                  # EDM preconditioning + sampler
+    pytest.param("ve", "score", "snr", "uniform", "annealed_langevin", marks=_slow),  # NCSN
     pytest.param("vp_linear", "v", "min_snr", "logit_normal", "pc", marks=_slow),
     pytest.param("sub_vp", "eps", "uniform", "uniform", "sde", marks=_slow),
     pytest.param("vp_discrete", "eps", "vlb", "discrete", "ddpm", marks=_slow),  # DDPM's bound
