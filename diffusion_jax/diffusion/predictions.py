@@ -93,7 +93,8 @@ def loss_weight(cfg, path, t):
     snr      w_x = SNR(t) = a²/b²                 (= ε-MSE; = NCSN's λ(σ)=σ² on scores)
     min_snr  w_x = min(SNR(t), γ)                 (Hang et al. 2023)
     edm      w_x = (σ² + σ_d²)/(σ·σ_d)²            (Karras et al. 2022, σ = b/a)
-    vlb      w_x = ½(SNR(t − 1/T) − SNR(t))        (DDPM's L_{t−1} per dimension; VDM eq. 13)
+    vlb      w_x = ½(SNR(t − 1/T) − SNR(t))        (DDPM's L_{t−1} per dimension; VDM eq. 13);
+             ½·SNR(1/T) at t = 1/T                 (L_0 with a Gaussian decoder)
   """
   kind = cfg.loss_weight
   if kind == "uniform":
@@ -112,7 +113,12 @@ def loss_weight(cfg, path, t):
   elif kind == "vlb":
     if not path.discrete:
       raise ValueError("diffusion.loss_weight='vlb' needs diffusion.path='vp_discrete'")
-    w = 0.5 * (path.snr(t - 1.0 / path.num_steps) - snr)
+    # At t = 1/T the term is L_0, the decoder: with a Gaussian decoder of variance
+    # 1/SNR(t) (VDM's continuous stand-in for DDPM's discretised one), ½·SNR(t).
+    # SNR(0) = ∞ would otherwise make the first step's weight infinite.
+    first = t <= 1.0 / path.num_steps + 1e-6
+    snr_prev = path.snr(jnp.where(first, t, t - 1.0 / path.num_steps))
+    w = jnp.where(first, 0.5 * snr, 0.5 * (snr_prev - snr))
   else:
     raise ValueError(f"diffusion.loss_weight={kind!r}: expected one of {LOSS_WEIGHTS}")
   return w * to_target

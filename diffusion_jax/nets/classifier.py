@@ -2,9 +2,9 @@
 EncoderUNet, Dhariwal & Nichol 2021, used for classifier guidance) with mean pooling
 and a linear head.
 
-x [B, H, W, C], t [B] ∈ [0, 1] → logits [B, num_classes]; with `features=True` the
-pooled features [B, D] instead (a feature space for Fréchet distances). Trained at
-t = 0 only, it is a clean-image classifier.
+x [B, H, W, C], t [B] ∈ [0, 1] → logits [B, num_classes]; with `features=True`
+(logits, pooled features [B, D]) (the feature space of the domain Fréchet distance,
+`evaluation/`). Trained at t = 0 only, it is a clean-image classifier.
 """
 from __future__ import annotations
 
@@ -47,6 +47,5 @@ class Classifier(nn.Module):
     h = nn.silu(nn.GroupNorm(_groups(h.shape[-1]), dtype=jnp.float32,
                              param_dtype=self.param_dtype)(h))
     pooled = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
-    if features:
-      return pooled
-    return nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype)(pooled)
+    logits = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype)(pooled)
+    return (logits, pooled) if features else logits

@@ -23,10 +23,12 @@ def compile_sampler(sample_fn):
   return jax.jit(run)
 
 
-def generate(compiled, params, cond: dict, key, mesh, *extra) -> np.ndarray:
+def generate(compiled, params, cond: dict, key, mesh, *extra, offset: int = 0):
   """cond: per-example numpy arrays [N, ...] ("label" always) → images float32
-  [N, H, W, C] in [-1, 1] (numpy, on every host). extra: further arguments of the
-  sampler (classifier parameters)."""
+  [N, H, W, C] in [-1, 1] (numpy, on every host; or whatever pytree of [N, ...] arrays
+  `compiled` returns). extra: further arguments of the compiled function (classifier
+  parameters). offset: the global index of cond's first example (sample i uses key
+  fold_in(key, offset + i)), so a long run can be generated batch by batch."""
   n = len(cond["label"])
   n_dev = mesh.devices.size
   padded = -(-n // n_dev) * n_dev
@@ -35,8 +37,9 @@ def generate(compiled, params, cond: dict, key, mesh, *extra) -> np.ndarray:
   pad = lambda a: np.concatenate([a, np.zeros((padded - n,) + a.shape[1:], a.dtype)])
   cond = {k: put(pad(np.asarray(v, np.int32 if k == "label" else np.float32)))
           for k, v in cond.items()}
-  images = compiled(params, cond, put(np.arange(padded, dtype=np.int32)), key, *extra)
-  return parallel.to_host(images)[:n]
+  indices = put(offset + np.arange(padded, dtype=np.int32))
+  out = compiled(params, cond, indices, key, *extra)
+  return jax.tree.map(lambda a: parallel.to_host(a)[:n], out)
 
 
 def load_run(workdir: str, step: int | None = None, mesh=None):

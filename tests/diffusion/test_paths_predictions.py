@@ -164,3 +164,10 @@ def test_vlb_weight_is_ddpm_eq_12():
   post_var = beta * (1 - ab_s) / (1 - ab_t)
   expected = beta ** 2 / (2 * post_var * (1 - beta) * (1 - ab_t))
   np.testing.assert_allclose(_weight(path, "eps", "vlb", jnp.asarray(i / T)), expected, rtol=2e-3)
+
+
+def test_vlb_weight_at_the_first_step_is_the_gaussian_decoder():
+  """t = 1/T is L_0: a Gaussian decoder of variance b²/a² gives ½·SNR·‖x̂₀ − x₀‖²,
+  i.e. exactly ½·‖ε̂ − ε‖² for ε-prediction (finite, where ½(SNR(0) − SNR) is not)."""
+  path = paths.Path("vp_discrete", 1000, "linear")
+  np.testing.assert_allclose(_weight(path, "eps", "vlb", jnp.asarray([1 / 1000])), [0.5], rtol=1e-4)

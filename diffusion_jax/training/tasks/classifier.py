@@ -40,6 +40,17 @@ def logits_fn(config, info):
   return lambda params, x_t, t: net.apply({"params": params}, _normalise(path, x_t, t), t)
 
 
+def features_fn(config, info):
+  """features(params, x [B,H,W,C]) -> (logits [B, C], pooled features [B, D]) of clean
+  images (t = 0): the domain feature network of `evaluation/`."""
+  net, path = model(config, info), paths.from_config(config.diffusion)
+
+  def features(params, x):
+    t = jnp.zeros((x.shape[0],), jnp.float32)
+    return net.apply({"params": params}, _normalise(path, x, t), t, features=True)
+  return features
+
+
 def log_prob_fn(config, info):
   """log_prob(params, x_t, t [B], labels [B]) -> log p(y_i | x_t_i, t_i) [B]."""
   logits = logits_fn(config, info)
