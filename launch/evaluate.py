@@ -3,6 +3,7 @@ r"""Evaluate a trained run: sample-quality metrics in a feature network's space.
   diffusion-jax-evaluate --workdir=/tmp/run --feature_workdir=/tmp/domain_cls \
       [--metrics=fd,kid,pr,acc,is] [--num_samples=1000] [--batch_size=256] [--seed=0] \
       [--sampler=euler] [--steps=32] [--guidance=1] [--step=N]
+  diffusion-jax-evaluate --workdir=/tmp/run --metrics=bpd_vlb,bpd_ode [--likelihood_images=1000]
 
 The feature network is a run of the classifier task on clean images
 (configs/digits_classifier.py --config.classifier.noise_conditional=False): numbers
@@ -19,7 +20,8 @@ from diffusion_jax.evaluation import run as eval_run
 from diffusion_jax_launch import common
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to evaluate.")
-_FEATURES = flags.DEFINE_string("feature_workdir", None, "Classifier run giving the features.")
+_FEATURES = flags.DEFINE_string("feature_workdir", None,
+                                "Classifier run giving the features (sample metrics).")
 _METRICS = flags.DEFINE_list("metrics", ["fd", "kid", "pr", "acc"],
                              f"Some of {list(eval_run.METRICS)}.")
 _NUM = flags.DEFINE_integer("num_samples", 1000, "Generated samples N.")
@@ -32,7 +34,11 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _REF = flags.DEFINE_string("reference_split", "test", "Real split the samples are compared to.")
 _FLOOR = flags.DEFINE_string("floor_split", "train", "Real split giving the data floor.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir (default: the run's).")
-flags.mark_flags_as_required(["workdir", "feature_workdir"])
+_LIK_N = flags.DEFINE_integer("likelihood_images", 1000,
+                              "bpd_vlb/bpd_ode: images of the reference split scored.")
+_LIK_STEPS = flags.DEFINE_integer("likelihood_steps", 100,
+                                  "bpd_ode: RK4 steps; bpd_vlb: grid steps of continuous paths.")
+flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
@@ -44,7 +50,8 @@ def main(argv):
         _WORKDIR.value, _FEATURES.value, metrics=_METRICS.value, num_samples=_NUM.value,
         batch_size=_BATCH.value, seed=_SEED.value, sampler=_SAMPLER.value,
         num_steps=_STEPS.value, guidance=_GUIDANCE.value, step=_STEP.value,
-        reference_split=_REF.value, floor_split=_FLOOR.value, data_dir=_DATA_DIR.value)
+        reference_split=_REF.value, floor_split=_FLOOR.value, data_dir=_DATA_DIR.value,
+        likelihood_images=_LIK_N.value, likelihood_steps=_LIK_STEPS.value)
   except common.USER_ERRORS as e:
     common.fail(e)
   if jax.process_index() == 0:

@@ -22,14 +22,17 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from diffusion_jax import data, parallel, writers
+from diffusion_jax import data, parallel, samplers, writers
+from diffusion_jax.diffusion import likelihood, paths, predictions
 from diffusion_jax.evaluation import metrics as metrics_lib
 from diffusion_jax.training import generate, tasks
 
-METRICS = ("fd", "kid", "pr", "acc", "is")
+METRICS = ("fd", "kid", "pr", "acc", "is", "bpd_vlb", "bpd_ode")
+_SAMPLE_METRICS = ("fd", "kid", "pr", "acc", "is")
 
 
 def feature_network(feature_workdir: str, mesh):
@@ -77,6 +80,53 @@ def reference_stats(features, params, feature_workdir, data_name, split, mesh, *
   return stats
 
 
+def bits_per_dim(config, info, params, images, mesh, *, method: str, num_steps: int,
+                 seed: int = 0, batch: int = 256) -> np.ndarray:
+  """Bits/dim [N] of 8-bit images [N,H,W,C] in [-1, 1] under a diffusion model:
+  'vlb' — the DDPM bound with the discretised decoder (docs/likelihood.md), summed
+  exactly over the grid (a discrete path's own T steps; a continuous path's
+  `geometric_grid(num_steps)`); 'ode' — the PF-ODE (RK4, num_steps, Hutchinson
+  divergence) of uniformly dequantised data, + D·log 127.5 nats for the 8-bit bins.
+  Class-conditional models are scored as p(x) through the null class. Example i uses
+  key fold_in(key(seed), i): independent of batch and device count."""
+  task = tasks.get(config.task)
+  net = task.network_fn(config, info)
+  path, prediction = paths.from_config(config.diffusion), config.diffusion.prediction
+  ncls = task.num_classes(config, info)
+  dims = int(np.prod(info.image_shape))
+
+  def one(params, x, key):
+    """Bits/dim of one image x [H,W,C] from its own key (vmapped over the batch)."""
+    x, label = x[None], jnp.full((1,), ncls, jnp.int32)  # the null class (0: unconditional)
+    if method == "vlb":
+      x0_fn = lambda x_t, t: predictions.to_x0_eps(path, prediction, net(params, x_t, t, label),
+                                                   x_t, t)[0]
+      grid = None if path.discrete else likelihood.geometric_grid(num_steps)
+      nats = likelihood.vlb_terms(path, x0_fn, x, key, grid=grid)["total"]
+    else:
+      den = samplers.make_denoiser(lambda a, t, y: net(params, a, t, y), path, prediction, label)
+      u = jax.random.uniform(jax.random.fold_in(key, 1), x.shape)
+      nats = likelihood.pf_ode_nll(path, den, x + (u - 0.5) * (2.0 / 255.0), key,
+                                   num_steps=num_steps) + dims * np.log(127.5)
+    return likelihood.bits_per_dim(nats, dims)[0]
+
+  def nll_bits(params, x, indices):
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(indices)
+    return jax.vmap(lambda xi, k: one(params, xi, k))(x, keys)
+
+  fn = jax.jit(nll_bits)
+  n_dev, out = mesh.devices.size, []
+  sharding = parallel.batch_sharding(mesh)
+  for i in range(0, len(images), batch):
+    x = images[i:i + batch]
+    padded = -(-len(x) // n_dev) * n_dev
+    idx = np.arange(i, i + padded, dtype=np.int32)
+    x = np.concatenate([x, np.zeros((padded - len(x),) + x.shape[1:], x.dtype)])
+    put = lambda a: jax.make_array_from_callback(a.shape, sharding, lambda s: a[s])
+    out.append(parallel.to_host(fn(params, put(x), put(idx)))[:min(batch, len(images) - i)])
+  return np.concatenate(out)
+
+
 def _compile(sample_fn, features):
   """jit of (params, cond, indices, key, f_params) -> (logits, features) of samples."""
   def run(params, cond, indices, key, f_params):
@@ -90,17 +140,22 @@ def _settings_hash(settings: dict) -> str:
   return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def evaluate(workdir: str, feature_workdir: str, *, metrics=("fd", "kid", "pr", "acc"),
-             num_samples: int = 1000, batch_size: int = 256, seed: int = 0, sampler=None,
-             num_steps=None, guidance=None, step=None, reference_split: str = "test",
+def evaluate(workdir: str, feature_workdir: str | None = None, *,
+             metrics=("fd", "kid", "pr", "acc"), num_samples: int = 1000,
+             batch_size: int = 256, seed: int = 0, sampler=None, num_steps=None,
+             guidance=None, step=None, reference_split: str = "test",
              floor_split: str = "train", data_dir=None, use_ema: bool = True,
+             likelihood_images: int = 1000, likelihood_steps: int = 100,
              mesh=None, max_batches: int | None = None) -> dict | None:
   """Evaluates the run in workdir; writes `<workdir>/eval/<step>.json`, TensorBoard
   scalars and eval/metrics.jsonl, and returns the results.
 
-  Samples are labelled 0..C−1 cycled (class-conditional models). max_batches: stop
-  after this many batches, keeping the partial state for a later call (time-boxed or
-  preemptible jobs); returns None then. The workdir must be visible to every host.
+  Sample metrics (fd, kid, pr, acc, is) need `feature_workdir`; samples are labelled
+  0..C−1 cycled (class-conditional models). bpd_vlb, bpd_ode: bits/dim of the first
+  `likelihood_images` images of the reference split (`bits_per_dim`). max_batches:
+  stop generating after this many batches, keeping the partial state for a later call
+  (time-boxed or preemptible jobs); returns None then. The workdir must be visible
+  to every host.
   """
   unknown = sorted(set(metrics) - set(METRICS))
   if unknown:
@@ -109,12 +164,52 @@ def evaluate(workdir: str, feature_workdir: str, *, metrics=("fd", "kid", "pr", 
   task = tasks.get(config.task)
   if not hasattr(task, "sample"):
     raise ValueError(f"{workdir} holds a {config.task!r} run, which does not generate")
+  params = state.ema_params if use_ema else state.params
+  ds = dict(data_dir=data_dir or config.data.data_dir, image_size=config.data.image_size or None)
+  n_dev = mesh.devices.size
+  batch_size = max(n_dev, batch_size // n_dev * n_dev)
+  results = {"checkpoint_step": step, "seed": seed,
+             "reference": f"{config.data.name}:{reference_split}"}
+  if any(m in _SAMPLE_METRICS for m in metrics):
+    if not feature_workdir:
+      raise ValueError(f"metrics {[m for m in metrics if m in _SAMPLE_METRICS]} need a "
+                       "feature network (--feature_workdir, a classifier run)")
+    sample_results = _sample_metrics(config, info, task, params, step, workdir,
+                                     feature_workdir, metrics, num_samples, batch_size, seed,
+                                     sampler, num_steps, guidance, use_ema, reference_split,
+                                     floor_split, ds, mesh, max_batches)
+    if sample_results is None:
+      return None
+    results.update(sample_results)
+  for m in ("bpd_vlb", "bpd_ode"):
+    if m in metrics:
+      images, _ = data.load_arrays(config.data.name, reference_split, ds["data_dir"],
+                                   image_size=ds["image_size"])
+      bpd = bits_per_dim(config, info, params, images[:likelihood_images], mesh,
+                         method=m[4:], num_steps=likelihood_steps, seed=seed, batch=batch_size)
+      results[m] = float(np.mean(bpd))
+      results[m + "_stderr"] = float(np.std(bpd) / np.sqrt(len(bpd)))
+      results["likelihood_images"], results["likelihood_steps"] = len(bpd), likelihood_steps
+  if jax.process_index() == 0:
+    eval_dir = os.path.join(workdir, "eval")
+    os.makedirs(eval_dir, exist_ok=True)
+    with open(os.path.join(eval_dir, f"{step}.json"), "w") as f:
+      json.dump(results, f, indent=2)
+    writer = writers.MetricWriter(eval_dir)
+    writer.write(step, {k: v for k, v in results.items()
+                        if isinstance(v, float) and k != "guidance"})
+    writer.close()
+  return results
+
+
+def _sample_metrics(config, info, task, params, step, workdir, feature_workdir, metrics,
+                    num_samples, batch_size, seed, sampler, num_steps, guidance, use_ema,
+                    reference_split, floor_split, ds, mesh, max_batches):
+  """The sample-quality part of `evaluate` (resumable generation → features → metrics)."""
   features, f_params, f_info, _ = feature_network(feature_workdir, mesh)
   if tuple(f_info.image_shape) != tuple(info.image_shape):
     raise ValueError(f"the feature network takes {tuple(f_info.image_shape)} images; the "
                      f"model makes {tuple(info.image_shape)}")
-  n_dev = mesh.devices.size
-  batch_size = max(n_dev, batch_size // n_dev * n_dev)
   settings = {"num_samples": num_samples, "batch_size": batch_size, "seed": seed,
               "sampler": sampler, "num_steps": num_steps, "guidance": guidance,
               "use_ema": use_ema, "feature_workdir": os.path.abspath(feature_workdir)}
@@ -122,10 +217,9 @@ def evaluate(workdir: str, feature_workdir: str, *, metrics=("fd", "kid", "pr", 
   partial = os.path.join(eval_dir, f"partial_{step}_{_settings_hash(settings)}.npz")
 
   ncls = task.num_classes(config, info) if hasattr(task, "num_classes") else info.num_classes
-  labels_all = (np.arange(num_samples) % ncls).astype(np.int32) if ncls else np.zeros(num_samples, np.int32)
+  labels_all = (np.arange(num_samples) % max(ncls, 1)).astype(np.int32)
   compiled = _compile(task.sample(config, info, sampler=sampler, num_steps=num_steps,
                                   guidance=guidance), features)
-  params = state.ema_params if use_ema else state.params
   key = jax.random.key(seed)
 
   done, feats, logits = 0, [], []
@@ -153,15 +247,12 @@ def evaluate(workdir: str, feature_workdir: str, *, metrics=("fd", "kid", "pr", 
       os.replace(tmp, partial)
   feats, logits = np.concatenate(feats).astype(np.float64), np.concatenate(logits)
 
-  ds = dict(data_dir=data_dir or config.data.data_dir, image_size=config.data.image_size or None)
   ref = reference_stats(features, f_params, feature_workdir, config.data.name,
                         reference_split, mesh, **ds)
-  results = {"checkpoint_step": step, "num_samples": num_samples, "seed": seed,
-             "sampler": sampler or config.sample.sampler,
+  results = {"num_samples": num_samples, "sampler": sampler or config.sample.sampler,
              "num_steps": num_steps or config.sample.num_steps,
              "guidance": config.sample.guidance if guidance is None else guidance,
              "feature_network": os.path.abspath(feature_workdir),
-             "reference": f"{config.data.name}:{reference_split}",
              "floor": f"{config.data.name}:{floor_split} vs {config.data.name}:{reference_split}"}
   floor = None
   if {"fd", "kid"} & set(metrics):
@@ -188,14 +279,6 @@ def evaluate(workdir: str, feature_workdir: str, *, metrics=("fd", "kid", "pr", 
     results["acc_domain"] = float(np.mean(pred == labels_all))
     results["acc_domain_per_class"] = [float(np.mean(pred[labels_all == c] == c))
                                        for c in range(ncls)]
-  if jax.process_index() == 0:
-    os.makedirs(eval_dir, exist_ok=True)
-    with open(os.path.join(eval_dir, f"{step}.json"), "w") as f:
-      json.dump(results, f, indent=2)
-    writer = writers.MetricWriter(eval_dir)
-    writer.write(step, {k: v for k, v in results.items()
-                        if isinstance(v, float) and k != "guidance"})
-    writer.close()
-    if os.path.exists(partial):
-      os.remove(partial)
+  if jax.process_index() == 0 and os.path.exists(partial):
+    os.remove(partial)
   return results

@@ -26,13 +26,15 @@ def runs(data_dir, tmp_path_factory):
 
 def test_evaluate_command(runs, tmp_path):
   proc = run_cli("evaluate", [f"--workdir={runs / 'model'}", f"--feature_workdir={runs / 'cls'}",
-                              "--metrics=fd,kid,pr,acc,is", "--num_samples=40",
-                              "--batch_size=16"])
+                              "--metrics=fd,kid,pr,acc,is,bpd_vlb,bpd_ode", "--num_samples=40",
+                              "--batch_size=16", "--likelihood_images=12",
+                              "--likelihood_steps=4"])
   results = json.loads((runs / "model" / "eval" / "4.json").read_text())
   assert json.loads(proc.stdout) == results
   for k in ("fd_domain", "fd_domain_floor", "kid_domain", "kid_domain_floor",
-            "precision_domain", "recall_domain", "acc_domain", "is_domain"):
+            "precision_domain", "recall_domain", "acc_domain", "is_domain", "bpd_vlb", "bpd_ode"):
     assert np.isfinite(results[k]), k
+  assert results["bpd_vlb"] > 0 and results["likelihood_images"] == 12
   assert results["fd_domain"] >= 0 and len(results["acc_domain_per_class"]) == 10
   assert results["reference"] == "sklearn_digits:test"
   assert not [f for f in os.listdir(runs / "model" / "eval") if f.startswith("partial")]
@@ -42,6 +44,8 @@ def test_evaluate_command(runs, tmp_path):
   bad = run_cli("evaluate", [f"--workdir={runs / 'model'}", f"--feature_workdir={runs / 'model'}"],
                 check=False)
   assert bad.returncode != 0 and "must be a run of the 'classifier' task" in bad.stderr
+  bad = run_cli("evaluate", [f"--workdir={runs / 'model'}", "--metrics=fd,bogus"], check=False)
+  assert bad.returncode != 0 and "bogus" in bad.stderr
 
 
 def test_interrupted_on_8_devices_equals_uninterrupted_on_1(runs):
@@ -54,6 +58,8 @@ def test_interrupted_on_8_devices_equals_uninterrupted_on_1(runs):
   assert [f for f in os.listdir(runs / "model" / "eval") if f.startswith("partial")]
   res = eval_run.evaluate(str(runs / "model"), str(runs / "cls"), **kw)
   for k, v in ref.items():
+    if k.startswith("bpd") or k.startswith("likelihood"):
+      continue  # (not recomputed here: a per-example vmap, device-independent by construction)
     if isinstance(v, float):
       np.testing.assert_allclose(res[k], v, rtol=1e-3, atol=1e-5, err_msg=k)
     else:

@@ -99,6 +99,16 @@ def train_step(config, info):
   return step_lib.make_train_step(loss_fn, tx, sched, ema_decay=config.train.ema_decay)
 
 
+def network_fn(config, info):
+  """fn(params, x_t [B,H,W,C], t [B], labels [B]) -> the network's prediction (no
+  guidance; for likelihoods). Not for super-resolution models (they need their
+  conditioning image)."""
+  if config.superres.low_res:
+    raise ValueError("likelihoods of super-resolution models are not supported")
+  net, path = model(config, info), paths.from_config(config.diffusion)
+  return lambda params, x, t, y: net.apply({"params": params}, _scaled(path, config, x, t), t, y)
+
+
 def sample(config, info, *, sampler: str | None = None, num_steps: int | None = None,
            guidance: float | None = None, strength: float = 1.0, classifier=None):
   """sample_fn(params, cond, keys [N], classifier_params=None) -> (images [N,H,W,C] in
