@@ -139,3 +139,43 @@ def precision_recall(real, fake, k: int = 3):
   precision = _coverage(fake, real, _knn_radii(real, k))
   recall = _coverage(real, fake, _knn_radii(fake, k))
   return precision, recall
+
+
+def psnr(x, y, data_range: float = 2.0):
+  """Peak signal-to-noise ratio per image [N] in dB, 10·log₁₀(range²/MSE), for images
+  [N, H, W, C] (range 2 for [-1, 1]); identical images give +inf."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  mse = np.mean((x - y) ** 2, axis=tuple(range(1, x.ndim)))
+  with np.errstate(divide="ignore"):
+    return 10.0 * np.log10(data_range ** 2 / mse)
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5):
+  g = np.exp(-0.5 * ((np.arange(size) - (size - 1) / 2) / sigma) ** 2)
+  return g / g.sum()
+
+
+def _filter_valid(x, w):
+  """Separable 'valid' filtering of [N, H, W, C] with the 1-D window w along H and W."""
+  k = len(w)
+  h = sum(w[i] * x[:, i:x.shape[1] - k + 1 + i] for i in range(k))
+  return sum(w[i] * h[:, :, i:h.shape[2] - k + 1 + i] for i in range(k))
+
+
+def ssim(x, y, data_range: float = 2.0, window: int = 11, sigma: float = 1.5):
+  """Structural similarity per image [N] (Wang et al. 2004): the mean over valid
+  Gaussian windows (11×11, σ = 1.5) and channels of
+      (2μₓμᵧ + C₁)(2σₓᵧ + C₂) / ((μₓ² + μᵧ² + C₁)(σₓ² + σᵧ² + C₂)),
+  C₁ = (0.01·L)², C₂ = (0.03·L)². Images smaller than the window use a window of
+  their size (odd), σ scaled with it."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  size = min(window, x.shape[1], x.shape[2])
+  size -= 1 - size % 2
+  w = _gaussian_window(size, sigma * size / window)
+  c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+  mx, my = _filter_valid(x, w), _filter_valid(y, w)
+  sxx = _filter_valid(x * x, w) - mx ** 2
+  syy = _filter_valid(y * y, w) - my ** 2
+  sxy = _filter_valid(x * y, w) - mx * my
+  s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
+  return s.mean(axis=(1, 2, 3))

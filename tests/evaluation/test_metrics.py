@@ -99,3 +99,29 @@ def test_inception_score_extremes():
   assert metrics.inception_score(np.zeros((100, 10)), num_splits=5)[0] == pytest.approx(1.0)
   confident = np.eye(10)[np.arange(100) % 10] * 50.0
   assert metrics.inception_score(confident, num_splits=5)[0] == pytest.approx(10.0, rel=1e-6)
+
+
+def test_psnr_closed_form():
+  x = np.zeros((2, 4, 4, 1))
+  y = x + np.array([0.1, 0.2])[:, None, None, None]
+  np.testing.assert_allclose(metrics.psnr(x, y), 10 * np.log10(4 / np.array([0.01, 0.04])))
+  assert metrics.psnr(x, x)[0] == np.inf
+
+
+def test_ssim_identity_closed_form_and_reference():
+  """SSIM(x, x) = 1; two constant images leave only the luminance term; and equal to
+  scikit-image's implementation (a test-only dependency) with the same window."""
+  x = RNG.uniform(-1, 1, size=(3, 16, 16, 2))
+  np.testing.assert_allclose(metrics.ssim(x, x), 1.0, rtol=1e-12)
+  y = np.clip(x + 0.2 * RNG.normal(size=x.shape), -1, 1)
+  s = metrics.ssim(x, y)
+  assert np.all((s > 0) & (s < 1))
+  # constant image vs constant image: only the luminance term remains
+  a, b = np.full((1, 16, 16, 1), 0.2), np.full((1, 16, 16, 1), -0.3)
+  c1 = (0.01 * 2) ** 2
+  np.testing.assert_allclose(metrics.ssim(a, b), (2 * 0.2 * -0.3 + c1) / (0.04 + 0.09 + c1), rtol=1e-9)
+  import skimage.metrics as skm
+  ref = [skm.structural_similarity(x[i], y[i], data_range=2.0, channel_axis=-1,
+                                   gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+         for i in range(3)]
+  np.testing.assert_allclose(s, ref, rtol=1e-6)
