@@ -55,6 +55,20 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def padded_size(n: int, mesh: Mesh) -> int:
+  """n rounded up to a multiple of the mesh's device count."""
+  d = mesh.devices.size
+  return -(-n // d) * d
+
+
+def shard_padded(a, size: int, mesh: Mesh):
+  """A full numpy array [n, ...] (the same on every host), zero-padded to [size, ...]
+  and placed batch-sharded over the mesh (each device gets its rows)."""
+  a = np.asarray(a)
+  a = np.concatenate([a, np.zeros((size - len(a),) + a.shape[1:], a.dtype)])
+  return jax.make_array_from_callback(a.shape, batch_sharding(mesh), lambda idx: a[idx])
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -47,14 +47,11 @@ def feature_network(feature_workdir: str, mesh):
 def _features_of_arrays(features, params, images, mesh, batch: int):
   """Features [N, D] of images [N, H, W, C] (numpy), batch by batch, sharded."""
   fn = jax.jit(lambda p, x: features(p, x)[1])
-  n_dev = mesh.devices.size
   out = []
   for i in range(0, len(images), batch):
     x = images[i:i + batch]
-    padded = -(-len(x) // n_dev) * n_dev
-    x = np.concatenate([x, np.zeros((padded - len(x),) + x.shape[1:], x.dtype)])
-    x = jax.make_array_from_callback(x.shape, parallel.batch_sharding(mesh), lambda idx: x[idx])
-    out.append(parallel.to_host(fn(params, x))[:min(batch, len(images) - i)])
+    padded = parallel.padded_size(len(x), mesh)
+    out.append(parallel.to_host(fn(params, parallel.shard_padded(x, padded, mesh)))[:len(x)])
   return np.concatenate(out).astype(np.float64)
 
 
@@ -115,15 +112,13 @@ def bits_per_dim(config, info, params, images, mesh, *, method: str, num_steps: 
     return jax.vmap(lambda xi, k: one(params, xi, k))(x, keys)
 
   fn = jax.jit(nll_bits)
-  n_dev, out = mesh.devices.size, []
-  sharding = parallel.batch_sharding(mesh)
+  out = []
   for i in range(0, len(images), batch):
     x = images[i:i + batch]
-    padded = -(-len(x) // n_dev) * n_dev
+    padded = parallel.padded_size(len(x), mesh)
     idx = np.arange(i, i + padded, dtype=np.int32)
-    x = np.concatenate([x, np.zeros((padded - len(x),) + x.shape[1:], x.dtype)])
-    put = lambda a: jax.make_array_from_callback(a.shape, sharding, lambda s: a[s])
-    out.append(parallel.to_host(fn(params, put(x), put(idx)))[:min(batch, len(images) - i)])
+    out.append(parallel.to_host(fn(params, parallel.shard_padded(x, padded, mesh),
+                                   parallel.shard_padded(idx, padded, mesh)))[:len(x)])
   return np.concatenate(out)
 
 

@@ -30,14 +30,11 @@ def generate(compiled, params, cond: dict, key, mesh, *extra, offset: int = 0):
   parameters). offset: the global index of cond's first example (sample i uses key
   fold_in(key, offset + i)), so a long run can be generated batch by batch."""
   n = len(cond["label"])
-  n_dev = mesh.devices.size
-  padded = -(-n // n_dev) * n_dev
-  sharding = parallel.batch_sharding(mesh)
-  put = lambda a: jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
-  pad = lambda a: np.concatenate([a, np.zeros((padded - n,) + a.shape[1:], a.dtype)])
-  cond = {k: put(pad(np.asarray(v, np.int32 if k == "label" else np.float32)))
+  padded = parallel.padded_size(n, mesh)
+  cond = {k: parallel.shard_padded(np.asarray(v, np.int32 if k == "label" else np.float32),
+                                   padded, mesh)
           for k, v in cond.items()}
-  indices = put(offset + np.arange(padded, dtype=np.int32))
+  indices = parallel.shard_padded(offset + np.arange(padded, dtype=np.int32), padded, mesh)
   out = compiled(params, cond, indices, key, *extra)
   return jax.tree.map(lambda a: parallel.to_host(a)[:n], out)
 
