@@ -1,0 +1,83 @@
+"""Reading published PyTorch weight files: the one place the ported networks (FID's
+Inception-v3, LPIPS's VGG16) touch torch.
+
+Nothing is downloaded: the user points at a file they have. A `.pth` needs torch only
+to be read; `save_npz` writes the same state dict as a torch-free `.npz`, so one
+conversion on a machine with torch leaves every later run needing only numpy. Each
+network's `params_from_torch` checks keys and shapes with `check_state_dict` first, so
+a wrong file is an error naming what differs, not a silently broken network.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+_LIST = 20   # names shown per kind of mismatch; a wrong file can differ in hundreds
+
+
+def to_numpy(v) -> np.ndarray:
+  """A torch tensor (any device or dtype, requires_grad or not) or an array → numpy
+  float32. `.float()` first: numpy has no bfloat16, so `.numpy()` alone would fail."""
+  if hasattr(v, "detach"):
+    v = v.detach().cpu().float().numpy()
+  return np.asarray(v, np.float32)
+
+
+def read_state_dict(path) -> dict[str, np.ndarray]:
+  """A `.pth`/`.pt` (torch.save of a state dict; needs torch) or an `.npz` (from
+  `save_npz`; needs only numpy) → {key: float32 array}. Never downloads."""
+  path = os.fspath(path)
+  if not path.endswith((".pth", ".pt", ".npz")):
+    raise ValueError(f"{path}: expected a .pth/.pt (torch) or .npz weight file")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such file (nothing is downloaded here: point "
+                            "at a weight file you have)")
+  if path.endswith(".npz"):
+    with np.load(path) as f:
+      return {k: to_numpy(f[k]) for k in f.files}
+  try:
+    import torch  # lazily: only reading a .pth needs it
+  except ImportError as e:
+    raise ImportError(
+        f"reading {path} needs torch: `pip install torch` (the CPU build is enough), or "
+        "convert it once to .npz where torch is installed, with "
+        "diffusion_jax.nets.torch_weights.save_npz('out.npz', "
+        f"read_state_dict('{path}')), and load the .npz") from e
+  state_dict = torch.load(path, map_location="cpu", weights_only=True)
+  return {k: to_numpy(v) for k, v in state_dict.items()}
+
+
+def save_npz(path, state_dict: Mapping, skip_prefixes: tuple[str, ...] = ()) -> None:
+  """Writes a state dict (torch tensors or arrays) to `path` (.npz) as float32 with the
+  same keys, leaving out those starting with `skip_prefixes` (heads nothing here uses)."""
+  np.savez(path, **{k: to_numpy(v) for k, v in state_dict.items()
+                    if not k.startswith(tuple(skip_prefixes))})
+
+
+def check_state_dict(state_dict: Mapping, expected: Mapping[str, tuple], what: str,
+                     ignore_suffixes: tuple[str, ...] = ("num_batches_tracked",),
+                     ignore_prefixes: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+  """Checks `state_dict` has exactly the keys of `expected` (key → torch-layout shape),
+  keys ending with `ignore_suffixes` or starting with `ignore_prefixes` aside, and
+  returns {key: float32 array} in `expected`'s order.
+
+  Raises ValueError "not {what}:" listing every missing key, unexpected key and shape
+  mismatch (the first 20 of each), so one run shows all that is wrong with a file."""
+  given = {k: v for k, v in state_dict.items()
+           if not k.endswith(tuple(ignore_suffixes)) and not k.startswith(tuple(ignore_prefixes))}
+  missing = sorted(expected.keys() - given.keys())
+  unexpected = sorted(given.keys() - expected.keys())
+  mismatched = [f"{k}: got {tuple(np.shape(given[k]))}, expected {tuple(expected[k])}"
+                for k in sorted(given.keys() & expected.keys())
+                if tuple(np.shape(given[k])) != tuple(expected[k])]
+  if missing or unexpected or mismatched:
+    lines = [f"not {what}:"]
+    for kind, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                        ("shape mismatches", mismatched)):
+      if items:
+        lines.append(f"  {len(items)} {kind}: " + ", ".join(items[:_LIST])
+                     + (", ..." if len(items) > _LIST else ""))
+    raise ValueError("\n".join(lines))
+  return {k: to_numpy(given[k]) for k in expected}
