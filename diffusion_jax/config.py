@@ -112,6 +112,22 @@ def base() -> ml_collections.ConfigDict:
   c.train.ema_decay = 0.999
   c.train.on_nonfinite = "skip"           # skip (keep the old state) | stop (raise)
 
+  # Evaluation (`diffusion-jax-evaluate` defaults; every > 0 also runs it from the
+  # training loop). Sample metrics need a feature network: a classifier run.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 0                        # steps between evaluations in the loop; 0 = never
+  c.eval.metrics = ("fd", "kid", "pr", "acc")  # fd | kid | pr | acc | is | bpd_vlb | bpd_ode
+  c.eval.num_samples = 1000
+  c.eval.batch_size = 256                 # global generation batch
+  c.eval.seed = 0                         # sample i uses fold_in(key(seed), i)
+  c.eval.feature_workdir = config_dict.placeholder(str)  # classifier run (domain features)
+  c.eval.inception_weights = config_dict.placeholder(str)  # FID Inception-v3 .pth / .npz
+  c.eval.ref_stats_dir = config_dict.placeholder(str)  # Inception ref stats (None: <workdir>/eval/ref_stats)
+  c.eval.reference_split = "test"
+  c.eval.floor_split = "train"
+  c.eval.likelihood_images = 1000
+  c.eval.likelihood_steps = 100
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                        # -1: all devices not used by other axes
   c.mesh.fsdp = 1                         # parameter-sharding axis size
@@ -139,7 +155,8 @@ _CHOICES = {
     "train.on_nonfinite": ("skip", "stop"),
 }
 _POSITIVE = ("data.batch_size", "train.num_steps", "train.log_every", "train.keep_checkpoints",
-             "diffusion.num_steps", "sample.num_steps", "model.channels")
+             "diffusion.num_steps", "sample.num_steps", "model.channels", "eval.num_samples",
+             "eval.batch_size", "eval.likelihood_images", "eval.likelihood_steps")
 
 
 def get(config, dotted: str):
@@ -160,7 +177,7 @@ def validate(config) -> None:
   for key in _POSITIVE:
     if get(config, key) <= 0:
       raise ValueError(f"config.{key}={get(config, key)!r} must be > 0")
-  for key in ("train.checkpoint_every", "train.sample_every", "optim.warmup_steps",
+  for key in ("train.checkpoint_every", "train.sample_every", "optim.warmup_steps", "eval.every",
               "superres.low_res", "superres.noise_aug"):
     if get(config, key) < 0:
       raise ValueError(f"config.{key}={get(config, key)!r} must be >= 0")

@@ -1,10 +1,13 @@
 """Evaluating a trained run: generate N samples sharded over every device and host,
-batch by batch, push them through a feature network inside the same compiled call,
-and stream the features into the metrics of `metrics.py` (`diffusion-jax-evaluate`).
+batch by batch, push them through the feature networks inside the same compiled call,
+and stream the features into the metrics of `metrics.py` (`diffusion-jax-evaluate`,
+and the training loop every `config.eval.every` steps).
 
-- Feature network: a run of the classifier task trained on clean images (the *domain*
-  network; `configs/digits_classifier.py --config.classifier.noise_conditional=False`).
-  Its numbers are labelled `*_domain`: they are not Inception FID.
+- Feature networks: a run of the classifier task trained on clean images (the *domain*
+  network; `configs/digits_classifier.py --config.classifier.noise_conditional=False`),
+  numbers labelled `*_domain`; and the FID Inception-v3 (`nets/inception.py`, from the
+  pytorch-fid weight file the user points at), labelled `*_inception` (fd_inception
+  is FID).
 - Reference statistics of a dataset split (μ, Σ as `mu`, `sigma`, the layout of the
   pytorch-fid `.npz` files, plus the feature vectors for KID and precision/recall) are
   computed once per feature network and cached under `<feature_workdir>/ref_stats/`.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +33,7 @@ from absl import logging
 from diffusion_jax import data, parallel, samplers, writers
 from diffusion_jax.diffusion import likelihood, paths, predictions
 from diffusion_jax.evaluation import metrics as metrics_lib
+from diffusion_jax.nets import inception
 from diffusion_jax.training import generate, tasks
 
 METRICS = ("fd", "kid", "pr", "acc", "is", "bpd_vlb", "bpd_ode")
@@ -44,6 +49,51 @@ def feature_network(feature_workdir: str, mesh):
   return tasks.get("classifier").features_fn(config, info), state.ema_params, info, config
 
 
+class FeatureNet(NamedTuple):
+  """A feature network: fn(params, images [B,H,W,C] in [-1, 1]) -> (logits, features)."""
+  fn: Callable
+  params: Any
+  stats_dir: str        # where reference statistics of real splits are cached
+  source: str           # the classifier run or weight file it came from
+
+
+def _inception_features(variables, images):
+  """FID Inception-v3 (logits [B, 1008], pool [B, 2048]) of images in [-1, 1]; grayscale
+  images are repeated to RGB, as FID tools do for MNIST-like data."""
+  if images.shape[-1] == 1:
+    images = jnp.repeat(images, 3, axis=-1)
+  pool, logits = inception.InceptionV3().apply(variables, images)
+  return logits, pool
+
+
+def feature_networks(info, workdir, mesh, *, feature_workdir=None, inception_weights=None,
+                     ref_stats_dir=None) -> dict[str, FeatureNet]:
+  """The feature networks the sample metrics are computed in, by label: 'domain' (a
+  classifier run; reference stats in `<feature_workdir>/ref_stats/`) and 'inception'
+  (the FID Inception-v3 from a pytorch-fid `.pth` or converted `.npz`; reference stats
+  in `ref_stats_dir`, default `<workdir>/eval/ref_stats/`)."""
+  nets = {}
+  if feature_workdir:
+    fn, params, f_info, _ = feature_network(feature_workdir, mesh)
+    if tuple(f_info.image_shape) != tuple(info.image_shape):
+      raise ValueError(f"the feature network {feature_workdir} takes "
+                       f"{tuple(f_info.image_shape)} images; the model makes "
+                       f"{tuple(info.image_shape)}")
+    nets["domain"] = FeatureNet(fn, params, os.path.join(feature_workdir, "ref_stats"),
+                                os.path.abspath(feature_workdir))
+  if inception_weights:
+    if info.image_shape[-1] not in (1, 3):
+      raise ValueError(f"Inception features need 1- or 3-channel images, the model makes "
+                       f"{tuple(info.image_shape)}")
+    variables = jax.device_put(inception.load_weights(inception_weights),
+                               parallel.replicated(mesh))
+    nets["inception"] = FeatureNet(
+        _inception_features, variables,
+        os.path.join(ref_stats_dir or os.path.join(workdir, "eval", "ref_stats"), "inception"),
+        os.path.abspath(inception_weights))
+  return nets
+
+
 def _features_of_arrays(features, params, images, mesh, batch: int):
   """Features [N, D] of images [N, H, W, C] (numpy), batch by batch, sharded."""
   fn = jax.jit(lambda p, x: features(p, x)[1])
@@ -55,15 +105,17 @@ def _features_of_arrays(features, params, images, mesh, batch: int):
   return np.concatenate(out).astype(np.float64)
 
 
-def reference_stats(features, params, feature_workdir, data_name, split, mesh, *,
+def reference_stats(features, params, stats_dir, data_name, split, mesh, *,
                     data_dir=None, image_size=None, batch: int = 256) -> dict:
   """{'mu', 'sigma', 'features'} of a real split under the feature network, cached as
-  `<feature_workdir>/ref_stats/<data_name>_<split>[_<size>].npz`."""
+  `<stats_dir>/<data_name>_<split>[_<size>].npz` (the domain network's stats_dir:
+  `<feature_workdir>/ref_stats`)."""
   tag = f"{data_name}_{split}".replace("/", "_").replace("[", "_").replace("]", "").replace(":", "-")
-  path = os.path.join(feature_workdir, "ref_stats", tag + (f"_{image_size}" if image_size else "") + ".npz")
-  if os.path.exists(path):
+  path = os.path.join(stats_dir, tag + (f"_{image_size}" if image_size else "") + ".npz")
+  if os.path.exists(path):  # (mu and sigma only: a file from another FID tool)
     with np.load(path) as f:
-      return {k: f[k] for k in ("mu", "sigma", "features")}
+      return {"mu": f["mu"], "sigma": f["sigma"], "path": path,
+              "features": f["features"] if "features" in f.files else None}
   images, _ = data.load_arrays(data_name, split, data_dir, image_size=image_size)
   feats = _features_of_arrays(features, params, images, mesh, batch)
   m = metrics_lib.Moments.zeros(feats.shape[1]).update(feats)
@@ -74,7 +126,7 @@ def reference_stats(features, params, feature_workdir, data_name, split, mesh, *
     tmp = path + ".tmp.npz"
     np.savez(tmp, **stats)
     os.replace(tmp, path)
-  return stats
+  return {**stats, "path": path}
 
 
 def bits_per_dim(config, info, params, images, mesh, *, method: str, num_steps: int,
@@ -122,12 +174,13 @@ def bits_per_dim(config, info, params, images, mesh, *, method: str, num_steps: 
   return np.concatenate(out)
 
 
-def _compile(sample_fn, features):
-  """jit of (params, cond, indices, key, f_params) -> (logits, features) of samples."""
+def _compile(sample_fn, nets):
+  """jit of (params, cond, indices, key, {name: f_params}) -> {name: (logits, features)}
+  of the samples: images never leave the devices."""
   def run(params, cond, indices, key, f_params):
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
     images, _ = sample_fn(params, cond, keys)
-    return features(f_params, images)
+    return {name: net.fn(f_params[name], images) for name, net in nets.items()}
   return jax.jit(run)
 
 
@@ -135,145 +188,205 @@ def _settings_hash(settings: dict) -> str:
   return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def evaluate(workdir: str, feature_workdir: str | None = None, *,
-             metrics=("fd", "kid", "pr", "acc"), num_samples: int = 1000,
-             batch_size: int = 256, seed: int = 0, sampler=None, num_steps=None,
-             guidance=None, step=None, reference_split: str = "test",
-             floor_split: str = "train", data_dir=None, use_ema: bool = True,
-             likelihood_images: int = 1000, likelihood_steps: int = 100,
-             mesh=None, max_batches: int | None = None) -> dict | None:
-  """Evaluates the run in workdir; writes `<workdir>/eval/<step>.json`, TensorBoard
-  scalars and eval/metrics.jsonl, and returns the results.
-
-  Sample metrics (fd, kid, pr, acc, is) need `feature_workdir`; samples are labelled
-  0..C−1 cycled (class-conditional models). bpd_vlb, bpd_ode: bits/dim of the first
-  `likelihood_images` images of the reference split (`bits_per_dim`). max_batches:
-  stop generating after this many batches, keeping the partial state for a later call
-  (time-boxed or preemptible jobs); returns None then. The workdir must be visible
-  to every host.
+def evaluate(workdir: str, feature_workdir: str | None = None, *, step=None,
+             use_ema: bool = True, mesh=None, max_batches: int | None = None,
+             **settings) -> dict | None:
+  """Evaluates the checkpoint `step` (default: latest) of the run in workdir; writes
+  `<workdir>/eval/<step>.json`, TensorBoard scalars and eval/metrics.jsonl, and returns
+  the results. settings: those of `make_evaluator` (defaults: the run's config.eval).
+  max_batches: stop generating after this many batches, keeping the partial state for
+  a later call (time-boxed or preemptible jobs); returns None then. The workdir must
+  be visible to every host.
   """
+  config, info, state, mesh, step = generate.load_run(workdir, step, mesh=mesh)
+  evaluator = make_evaluator(config, info, workdir, mesh, feature_workdir=feature_workdir,
+                             use_ema=use_ema, **settings)
+  return evaluator(step, state.ema_params if use_ema else state.params,
+                   max_batches=max_batches)
+
+
+def make_evaluator(config, info, workdir: str, mesh, *, metrics=None, num_samples=None,
+                   batch_size=None, seed=None, sampler=None, num_steps=None, guidance=None,
+                   feature_workdir=None, inception_weights=None, ref_stats_dir=None,
+                   reference_split=None, floor_split=None, data_dir=None,
+                   likelihood_images=None, likelihood_steps=None, use_ema: bool = True):
+  """evaluate(step, params, *, max_batches=None, extra=None) -> results | None for a run
+  of `config` writing to `<workdir>/eval/`. Every setting left None comes from
+  config.eval (sampler, num_steps, guidance: from config.sample). The feature network,
+  the compiled sampler and the reference statistics are built once, so the training
+  loop can call it every `config.eval.every` steps. extra: numbers recorded beside the
+  results (the loop's training wall time).
+
+  Sample metrics (fd, kid, pr, acc, is) need a feature network: `feature_workdir` (a
+  classifier run: `*_domain` numbers) and/or `inception_weights` (FID Inception-v3:
+  `*_inception`, so fd_inception is FID); samples are labelled 0..C−1 cycled. bpd_vlb, bpd_ode: bits/dim of the first
+  `likelihood_images` images of the reference split (`bits_per_dim`).
+  """
+  e = config.eval
+  pick = lambda v, d: d if v is None else v
+  metrics = tuple(pick(metrics, e.metrics))
   unknown = sorted(set(metrics) - set(METRICS))
   if unknown:
     raise ValueError(f"unknown metrics {unknown}: expected some of {list(METRICS)}")
-  config, info, state, mesh, step = generate.load_run(workdir, step, mesh=mesh)
   task = tasks.get(config.task)
   if not hasattr(task, "sample"):
     raise ValueError(f"{workdir} holds a {config.task!r} run, which does not generate")
-  params = state.ema_params if use_ema else state.params
-  ds = dict(data_dir=data_dir or config.data.data_dir, image_size=config.data.image_size or None)
   n_dev = mesh.devices.size
-  batch_size = max(n_dev, batch_size // n_dev * n_dev)
-  results = {"checkpoint_step": step, "seed": seed,
-             "reference": f"{config.data.name}:{reference_split}"}
+  batch_size = max(n_dev, pick(batch_size, e.batch_size) // n_dev * n_dev)
+  s = dict(metrics=metrics, num_samples=pick(num_samples, e.num_samples), batch_size=batch_size,
+           seed=pick(seed, e.seed), sampler=pick(sampler, config.sample.sampler),
+           num_steps=pick(num_steps, config.sample.num_steps),
+           guidance=pick(guidance, config.sample.guidance),
+           reference_split=pick(reference_split, e.reference_split),
+           floor_split=pick(floor_split, e.floor_split), use_ema=use_ema,
+           likelihood_images=pick(likelihood_images, e.likelihood_images),
+           likelihood_steps=pick(likelihood_steps, e.likelihood_steps))
+  ds = dict(data_dir=data_dir or config.data.data_dir, image_size=config.data.image_size or None)
+  sample_metrics = None
   if any(m in _SAMPLE_METRICS for m in metrics):
-    if not feature_workdir:
+    nets = feature_networks(info, workdir, mesh,
+                            feature_workdir=pick(feature_workdir, e.feature_workdir),
+                            inception_weights=pick(inception_weights, e.inception_weights),
+                            ref_stats_dir=pick(ref_stats_dir, e.ref_stats_dir))
+    if not nets:
       raise ValueError(f"metrics {[m for m in metrics if m in _SAMPLE_METRICS]} need a "
-                       "feature network (--feature_workdir, a classifier run)")
-    sample_results = _sample_metrics(config, info, task, params, step, workdir,
-                                     feature_workdir, metrics, num_samples, batch_size, seed,
-                                     sampler, num_steps, guidance, use_ema, reference_split,
-                                     floor_split, ds, mesh, max_batches)
-    if sample_results is None:
-      return None
-    results.update(sample_results)
-  for m in ("bpd_vlb", "bpd_ode"):
-    if m in metrics:
-      images, _ = data.load_arrays(config.data.name, reference_split, ds["data_dir"],
-                                   image_size=ds["image_size"])
-      bpd = bits_per_dim(config, info, params, images[:likelihood_images], mesh,
-                         method=m[4:], num_steps=likelihood_steps, seed=seed, batch=batch_size)
-      results[m] = float(np.mean(bpd))
-      results[m + "_stderr"] = float(np.std(bpd) / np.sqrt(len(bpd)))
-      results["likelihood_images"], results["likelihood_steps"] = len(bpd), likelihood_steps
-  if jax.process_index() == 0:
-    eval_dir = os.path.join(workdir, "eval")
-    os.makedirs(eval_dir, exist_ok=True)
-    with open(os.path.join(eval_dir, f"{step}.json"), "w") as f:
-      json.dump(results, f, indent=2)
-    writer = writers.MetricWriter(eval_dir)
-    writer.write(step, {k: v for k, v in results.items()
-                        if isinstance(v, float) and k != "guidance"})
-    writer.close()
-  return results
+                       "feature network: --feature_workdir (config.eval.feature_workdir, a "
+                       "classifier run) and/or --inception_weights "
+                       "(config.eval.inception_weights, FID Inception-v3 weights)")
+    sample_metrics = _sample_metrics_fn(config, info, task, workdir, nets, s, ds, mesh)
 
-
-def _sample_metrics(config, info, task, params, step, workdir, feature_workdir, metrics,
-                    num_samples, batch_size, seed, sampler, num_steps, guidance, use_ema,
-                    reference_split, floor_split, ds, mesh, max_batches):
-  """The sample-quality part of `evaluate` (resumable generation → features → metrics)."""
-  features, f_params, f_info, _ = feature_network(feature_workdir, mesh)
-  if tuple(f_info.image_shape) != tuple(info.image_shape):
-    raise ValueError(f"the feature network takes {tuple(f_info.image_shape)} images; the "
-                     f"model makes {tuple(info.image_shape)}")
-  settings = {"num_samples": num_samples, "batch_size": batch_size, "seed": seed,
-              "sampler": sampler, "num_steps": num_steps, "guidance": guidance,
-              "use_ema": use_ema, "feature_workdir": os.path.abspath(feature_workdir)}
-  eval_dir = os.path.join(workdir, "eval")
-  partial = os.path.join(eval_dir, f"partial_{step}_{_settings_hash(settings)}.npz")
-
-  ncls = task.num_classes(config, info) if hasattr(task, "num_classes") else info.num_classes
-  labels_all = (np.arange(num_samples) % max(ncls, 1)).astype(np.int32)
-  compiled = _compile(task.sample(config, info, sampler=sampler, num_steps=num_steps,
-                                  guidance=guidance), features)
-  key = jax.random.key(seed)
-
-  done, feats, logits = 0, [], []
-  if os.path.exists(partial):
-    with np.load(partial) as f:
-      done, feats, logits = int(f["done"]), [f["features"]], [f["logits"]]
-    logging.info("Resuming evaluation from %s (%d of %d samples)", partial, done, num_samples)
-  batches = 0
-  while done < num_samples:
-    if max_batches is not None and batches == max_batches:
-      return None
-    n = min(batch_size, num_samples - done)
-    lg, ft = generate.generate(compiled, params, {"label": labels_all[done:done + n]}, key, mesh,
-                               f_params, offset=done)
-    if not np.all(np.isfinite(ft)):
-      raise FloatingPointError(f"non-finite features for samples {done}..{done + n - 1}")
-    feats.append(ft.astype(np.float32))
-    logits.append(lg.astype(np.float32))
-    done += n
-    batches += 1
+  def evaluate_fn(step: int, params, *, max_batches=None, extra=None):
+    results = {"checkpoint_step": step, "seed": s["seed"],
+               "reference": f"{config.data.name}:{s['reference_split']}", **(extra or {})}
+    if sample_metrics is not None:
+      sample_results = sample_metrics(step, params, max_batches)
+      if sample_results is None:
+        return None
+      results.update(sample_results)
+    for m in ("bpd_vlb", "bpd_ode"):
+      if m in metrics:
+        images, _ = data.load_arrays(config.data.name, s["reference_split"], ds["data_dir"],
+                                     image_size=ds["image_size"])
+        bpd = bits_per_dim(config, info, params, images[:s["likelihood_images"]], mesh,
+                           method=m[4:], num_steps=s["likelihood_steps"], seed=s["seed"],
+                           batch=batch_size)
+        results[m] = float(np.mean(bpd))
+        results[m + "_stderr"] = float(np.std(bpd) / np.sqrt(len(bpd)))
+        results["likelihood_images"] = len(bpd)
+        results["likelihood_steps"] = s["likelihood_steps"]
     if jax.process_index() == 0:
+      eval_dir = os.path.join(workdir, "eval")
       os.makedirs(eval_dir, exist_ok=True)
-      tmp = partial + ".tmp.npz"
-      np.savez(tmp, done=done, features=np.concatenate(feats), logits=np.concatenate(logits))
-      os.replace(tmp, partial)
-  feats, logits = np.concatenate(feats).astype(np.float64), np.concatenate(logits)
+      with open(os.path.join(eval_dir, f"{step}.json"), "w") as f:
+        json.dump(results, f, indent=2)
+      writer = writers.MetricWriter(eval_dir)
+      writer.write(step, {k: v for k, v in results.items()
+                          if isinstance(v, float) and k != "guidance"})
+      writer.close()
+    return results
 
-  ref = reference_stats(features, f_params, feature_workdir, config.data.name,
-                        reference_split, mesh, **ds)
-  results = {"num_samples": num_samples, "sampler": sampler or config.sample.sampler,
-             "num_steps": num_steps or config.sample.num_steps,
-             "guidance": config.sample.guidance if guidance is None else guidance,
-             "feature_network": os.path.abspath(feature_workdir),
-             "floor": f"{config.data.name}:{floor_split} vs {config.data.name}:{reference_split}"}
-  floor = None
-  if {"fd", "kid"} & set(metrics):
-    floor = reference_stats(features, f_params, feature_workdir, config.data.name,
-                            floor_split, mesh, **ds)
+  return evaluate_fn
+
+
+def _sample_metrics_fn(config, info, task, workdir, nets, s, ds, mesh):
+  """The sample-quality part of the evaluator: (step, params, max_batches) -> results.
+  Generation → features of every network in one compiled call, resumable batch by
+  batch."""
+  settings = {k: s[k] for k in ("num_samples", "batch_size", "seed", "sampler", "num_steps",
+                                "guidance", "use_ema")}
+  settings["feature_networks"] = {name: net.source for name, net in nets.items()}
+  metrics, num_samples, batch_size = s["metrics"], s["num_samples"], s["batch_size"]
+  eval_dir = os.path.join(workdir, "eval")
+  ncls = task.num_classes(config, info)
+  labels_all = (np.arange(num_samples) % max(ncls, 1)).astype(np.int32)
+  compiled = _compile(task.sample(config, info, sampler=s["sampler"],
+                                  num_steps=s["num_steps"], guidance=s["guidance"]), nets)
+  f_params = {name: net.params for name, net in nets.items()}
+  key = jax.random.key(s["seed"])
+  refs = {}
+
+  def ref(name, split):
+    if (name, split) not in refs:
+      net = nets[name]
+      refs[name, split] = reference_stats(net.fn, net.params, net.stats_dir, config.data.name,
+                                          split, mesh, **ds)
+    return refs[name, split]
+
+  def sample_metrics(step, params, max_batches):
+    partial = os.path.join(eval_dir, f"partial_{step}_{_settings_hash(settings)}.npz")
+    done, acc = 0, {f"{n}_{k}": [] for n in nets for k in ("features", "logits")}
+    if os.path.exists(partial):
+      with np.load(partial) as f:
+        done = int(f["done"])
+        acc = {k: [f[k]] for k in acc}
+      logging.info("Resuming evaluation from %s (%d of %d samples)", partial, done, num_samples)
+    batches = 0
+    while done < num_samples:
+      if max_batches is not None and batches == max_batches:
+        return None
+      n = min(batch_size, num_samples - done)
+      out = generate.generate(compiled, params, {"label": labels_all[done:done + n]}, key,
+                              mesh, f_params, offset=done)
+      for name, (lg, ft) in out.items():
+        if not np.all(np.isfinite(ft)):
+          raise FloatingPointError(f"non-finite {name} features for samples "
+                                   f"{done}..{done + n - 1} (sampler {s['sampler']!r})")
+        acc[f"{name}_features"].append(ft.astype(np.float32))
+        acc[f"{name}_logits"].append(lg.astype(np.float32))
+      done += n
+      batches += 1
+      if jax.process_index() == 0:
+        os.makedirs(eval_dir, exist_ok=True)
+        tmp = partial + ".tmp.npz"
+        np.savez(tmp, done=done, **{k: np.concatenate(v) for k, v in acc.items()})
+        os.replace(tmp, partial)
+
+    results = {"num_samples": num_samples, "sampler": s["sampler"],
+               "num_steps": s["num_steps"], "guidance": s["guidance"],
+               "feature_networks": settings["feature_networks"],
+               "floor": f"{config.data.name}:{s['floor_split']} vs "
+                        f"{config.data.name}:{s['reference_split']}"}
+    for name, net in nets.items():
+      feats = np.concatenate(acc[f"{name}_features"]).astype(np.float64)
+      logits = np.concatenate(acc[f"{name}_logits"])
+      results.update(_metrics_of(name, feats, logits, labels_all, ncls, metrics,
+                                 lambda split: ref(name, split), s))
+    if jax.process_index() == 0 and os.path.exists(partial):
+      os.remove(partial)
+    return results
+
+  return sample_metrics
+
+
+def _metrics_of(name, feats, logits, labels, ncls, metrics, ref, s) -> dict:
+  """Sample metrics of features [N, D] and logits [N, K] in one feature network's
+  space, keyed `<metric>_<name>`; ref(split) -> that split's reference statistics."""
+  out = {}
+  reference = ref(s["reference_split"])
+  floor = ref(s["floor_split"]) if {"fd", "kid"} & set(metrics) else None
+  for r in (reference, floor):
+    if r is not None and r["features"] is None and {"kid", "pr"} & set(metrics):
+      raise ValueError(f"{r['path']} holds only mu and sigma (another FID tool's file?): "
+                       "kid and pr need the reference features; remove it to recompute")
   if "fd" in metrics:
     mu, sigma = metrics_lib.Moments.zeros(feats.shape[1]).update(feats).mean_cov()
-    results["fd_domain"] = metrics_lib.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
-    results["fd_domain_floor"] = metrics_lib.frechet_distance(floor["mu"], floor["sigma"],
-                                                              ref["mu"], ref["sigma"])
+    out[f"fd_{name}"] = metrics_lib.frechet_distance(mu, sigma, reference["mu"],
+                                                     reference["sigma"])
+    out[f"fd_{name}_floor"] = metrics_lib.frechet_distance(floor["mu"], floor["sigma"],
+                                                           reference["mu"], reference["sigma"])
   if "kid" in metrics:
-    size = min(1000, len(ref["features"]), num_samples)
-    results["kid_domain"], results["kid_domain_std"] = metrics_lib.kid(
-        ref["features"], feats, subset_size=size)
-    results["kid_domain_floor"], _ = metrics_lib.kid(ref["features"], floor["features"],
-                                                     subset_size=size)
+    size = min(1000, len(reference["features"]), len(feats))
+    out[f"kid_{name}"], out[f"kid_{name}_std"] = metrics_lib.kid(
+        reference["features"], feats, subset_size=size)
+    out[f"kid_{name}_floor"], _ = metrics_lib.kid(reference["features"], floor["features"],
+                                                  subset_size=size)
   if "pr" in metrics:
-    results["precision_domain"], results["recall_domain"] = metrics_lib.precision_recall(
-        ref["features"], feats)
+    out[f"precision_{name}"], out[f"recall_{name}"] = metrics_lib.precision_recall(
+        reference["features"], feats)
   if "is" in metrics:
-    results["is_domain"], results["is_domain_std"] = metrics_lib.inception_score(logits)
-  if "acc" in metrics and ncls:
+    out[f"is_{name}"], out[f"is_{name}_std"] = metrics_lib.inception_score(logits)
+  if "acc" in metrics and ncls and name == "domain":
     pred = np.argmax(logits, axis=1)
-    results["acc_domain"] = float(np.mean(pred == labels_all))
-    results["acc_domain_per_class"] = [float(np.mean(pred[labels_all == c] == c))
-                                       for c in range(ncls)]
-  if jax.process_index() == 0 and os.path.exists(partial):
-    os.remove(partial)
-  return results
+    out[f"acc_{name}"] = float(np.mean(pred == labels))
+    out[f"acc_{name}_per_class"] = [float(np.mean(pred[labels == c] == c)) for c in range(ncls)]
+  return out

@@ -1,7 +1,8 @@
 """The generic training loop. It knows nothing about any task.
 
     config ─► data ─► global batch ─► compiled step ─► state ─► checkpoint
-                                            └─ metrics        └─► sampler ─► PNG grid
+                                            └─ metrics        ├─► sampler ─► PNG grid
+                                                              └─► evaluator ─► eval/<step>.json
 
 Re-running on the same workdir resumes from the last checkpoint (state and data
 iterator), so N steps in one go equal N/2 + N/2 across a restart, bit for bit on CPU.
@@ -19,6 +20,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from diffusion_jax import checkpoint, config as config_lib, data, io, parallel, writers
+from diffusion_jax.evaluation import run as eval_run
 from diffusion_jax.training import generate, tasks
 
 
@@ -114,6 +116,9 @@ def _train(config, workdir, devices, preemption):
   if hasattr(task, "sample"):  # tasks that generate get sample grids
     sampler = generate.compile_sampler(task.sample(config, info))
     grid = task.grid_conditioning(config, info)
+  # Built before the first step, so a bad config.eval fails now, not after hours.
+  evaluator = (eval_run.make_evaluator(config, info, workdir, mesh)
+               if config.eval.every else None)
   writer = writers.MetricWriter(workdir)
   num_steps, tc = config.train.num_steps, config.train
   step = int(jax.device_get(state.step))
@@ -133,7 +138,16 @@ def _train(config, workdir, devices, preemption):
       path = io.save_grid(os.path.join(workdir, "samples", f"step_{step:07d}.png"), images, rows)
       logging.info("Wrote samples to %s", path)
 
-  pending, t_last, s_last = [], time.time(), step
+  def evaluate(step):
+    if evaluator is not None:
+      results = evaluator(step, state.ema_params, extra={"train_seconds": train_seconds})
+      logging.info("step %d evaluation: %s", step, {k: v for k, v in results.items()
+                                                    if isinstance(v, float)})
+
+  # train_seconds: wall time of this process's training so far, without the time spent
+  # sampling grids and evaluating (quality per compute, docs/benchmarks.md).
+  pending, t_last, s_last, train_seconds = [], time.time(), step, 0.0
+  t_train = time.time()
   while step < num_steps:
     batch = parallel.host_to_global(next(data_iter), mesh)
     state, metrics = step_fn(state, batch, jax.random.fold_in(step_root, step))
@@ -160,14 +174,21 @@ def _train(config, workdir, devices, preemption):
     preempted = preemption.reached(step)
     if preempted or step == num_steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
       save(step)
+    due = evaluator is not None and (step % config.eval.every == 0 or step == num_steps)
+    if due:
+      jax.block_until_ready(state)  # steps run asynchronously: count the finished ones
+    train_seconds += time.time() - t_train
     if tc.sample_every and step % tc.sample_every == 0 and step != num_steps:
       sample_grid(step)
+    if due and step != num_steps and not preempted:
+      evaluate(step)
+    t_train = time.time()
     if preempted:
       logging.warning("Preempted: saved step %d; exiting.", step)
       break
-  if step == num_steps:
-    if latest != num_steps:
-      sample_grid(step)
+  if step == num_steps and latest != num_steps:
+    sample_grid(step)
+    evaluate(step)
   mngr.wait_until_finished()
   mngr.close()
   writer.close()
