@@ -88,7 +88,7 @@ def base() -> ml_collections.ConfigDict:
   c.sample.pc_snr = 0.16                  # pc: Langevin corrector signal-to-noise ratio
   c.sample.pc_corrector_steps = 1
   c.sample.edm_churn = 0.0                # edm: S_churn (0 = deterministic)
-  c.sample.per_class = 8                  # columns of the training-time sample grid
+  c.sample.per_class = 8                  # columns of the training-time sample grid (0: no grids)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"
@@ -178,6 +178,7 @@ def validate(config) -> None:
     if get(config, key) <= 0:
       raise ValueError(f"config.{key}={get(config, key)!r} must be > 0")
   for key in ("train.checkpoint_every", "train.sample_every", "optim.warmup_steps", "eval.every",
+              "sample.per_class",
               "superres.low_res", "superres.noise_aug"):
     if get(config, key) < 0:
       raise ValueError(f"config.{key}={get(config, key)!r} must be >= 0")

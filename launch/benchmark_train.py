@@ -1,10 +1,30 @@
-r"""Training throughput of a config: compile time, step time, images/s.
+r"""Training throughput of a config: compile time, step time, images/s, FLOPs, MFU, memory.
 
   python launch/benchmark_train.py --config=configs/quickstart.py [--steps=50] \
-      [--config.data.batch_size=256 ...]
+      [--peak_tflops=...] [--config.data.batch_size=256 ...]
 
 Measures the real compiled train step on real batches (the same sharded jit as the
-loop, no checkpoints or logging) and prints one JSON line.
+loop, no checkpoints or logging) and prints one JSON line:
+
+- compile_s: `lower().compile()` of the step; step_ms, steps_per_s, images_per_s: mean
+  over --steps steps after one warm-up step, ended by block_until_ready.
+- flops_per_step: XLA's cost analysis of the compiled step (`compiled.cost_analysis()`,
+  a dict in JAX 0.10.2) times the device count. Under SPMD the analysis is of one
+  device's program (checked: a [1024, 512] @ [512, 256] matmul batch-sharded over 8
+  virtual CPU devices reports 1/8 of its FLOPs), so replicated work such as the
+  optimizer update counts once per device. These are the FLOPs the compiled program
+  executes: with rematerialisation they are hardware FLOPs, not model FLOPs, and the
+  body of a `lax.scan`/`while` loop is counted once, not once per trip.
+- tflops_per_s: flops_per_step / step time, all devices together.
+- mfu: achieved FLOP/s per device ÷ the device's dense peak (`PEAK_TFLOPS`, chosen by
+  config.model.dtype: bfloat16 → the bf16 peak; float32 → TF32 on NVIDIA, since XLA
+  computes float32 dots there in TF32 by default, and the bf16 peak on TPU, whose
+  default float32 dot is one bf16 pass). --peak_tflops overrides; null on CPU and on
+  unknown devices.
+- peak_memory_gib: `memory_stats()["peak_bytes_in_use"]` of device 0 (the whole
+  process so far: state, batches, step); null where the backend reports none (CPU).
+- xla_memory_gib: `compiled.memory_analysis()` of the step per device: argument +
+  output + temporary − aliased (donated) bytes.
 """
 import json
 import time
@@ -19,7 +39,34 @@ from diffusion_jax_launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed steps (after one warm-up step).")
+_PEAK = flags.DEFINE_float("peak_tflops", None, "Dense peak TFLOP/s of one device, for "
+                           "mfu (default: PEAK_TFLOPS by device kind and model dtype).")
 flags.mark_flags_as_required(["config"])
+
+# Dense peak TFLOP/s per device (vendor data sheets): (bf16, float32 dots). NVIDIA
+# float32 is TF32 on tensor cores (full float32 on an H100 SXM would be 66.9); TPU
+# float32 dots run as bf16 by default. H100 is the SXM part ("H100 80GB HBM3"); the
+# PCIe and NVL parts have lower peaks and are not in the table.
+PEAK_TFLOPS = {
+    "NVIDIA H100": (989.4, 494.7), "NVIDIA H200": (989.4, 494.7),
+    "NVIDIA A100": (312.0, 156.0),
+    "TPU v4": (275.0, 275.0), "TPU v5 lite": (197.0, 197.0), "TPU v5e": (197.0, 197.0),
+    "TPU v5": (459.0, 459.0), "TPU v5p": (459.0, 459.0),
+    "TPU v6 lite": (918.0, 918.0), "TPU v6e": (918.0, 918.0),
+}
+
+
+def peak_tflops(device_kind: str, dtype: str):
+  """The table's dense peak for a device kind and compute dtype, or None."""
+  if device_kind.startswith("NVIDIA"):
+    if any(s in device_kind for s in ("PCIe", "NVL")) and "A100" not in device_kind:
+      return None
+    match = [k for k in PEAK_TFLOPS if k.startswith("NVIDIA") and device_kind.startswith(k)]
+  else:
+    match = [k for k in PEAK_TFLOPS if k == device_kind]
+  if not match or dtype not in ("bfloat16", "float32"):
+    return None
+  return PEAK_TFLOPS[match[0]][0 if dtype == "bfloat16" else 1]
 
 
 def main(argv):
@@ -50,11 +97,30 @@ def main(argv):
     state, m = compiled(state, batches[i % len(batches)], jax.random.fold_in(step_root, i + 1))
   jax.block_until_ready((state, m))
   step_s = (time.time() - t0) / _STEPS.value
+
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older JAX: one per program
+  flops_device = float(cost["flops"]) if cost and "flops" in cost else None
+  n = jax.device_count()
+  kind = str(jax.devices()[0].device_kind)
+  peak = _PEAK.value or peak_tflops(kind, config.model.dtype)
+  mem = compiled.memory_analysis()
+  xla_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes +
+               mem.temp_size_in_bytes - mem.alias_size_in_bytes) if mem else None
+  stats = jax.devices()[0].memory_stats() or {}
+  gib = lambda b: None if b is None else round(b / 2**30, 3)
   print(json.dumps({
-      "device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
+      "device": kind, "num_devices": n,
       "batch_size": config.data.batch_size, "compile_s": round(compile_s, 2),
       "step_ms": round(1000 * step_s, 2), "steps_per_s": round(1 / step_s, 2),
-      "images_per_s": round(config.data.batch_size / step_s, 1)}))
+      "images_per_s": round(config.data.batch_size / step_s, 1),
+      "flops_per_step": None if flops_device is None else flops_device * n,
+      "tflops_per_s": None if flops_device is None else round(flops_device * n / step_s / 1e12, 4),
+      "peak_tflops": peak,
+      "mfu": (round(flops_device / step_s / (peak * 1e12), 4)
+              if flops_device is not None and peak else None),
+      "peak_memory_gib": gib(stats.get("peak_bytes_in_use")),
+      "xla_memory_gib": gib(xla_bytes)}))
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def _train(config, workdir, devices, preemption):
   step_fn = jax.jit(task.train_step(config, info), in_shardings=(shardings, batch_sh, repl),
                     out_shardings=(shardings, repl), donate_argnums=(0,))
   sampler = grid = None
-  if hasattr(task, "sample"):  # tasks that generate get sample grids
+  if hasattr(task, "sample") and config.sample.per_class:  # tasks that generate get grids
     sampler = generate.compile_sampler(task.sample(config, info))
     grid = task.grid_conditioning(config, info)
   # Built before the first step, so a bad config.eval fails now, not after hours.

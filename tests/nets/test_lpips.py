@@ -68,7 +68,7 @@ def test_vgg16_parameter_count():
   assert [i for _, i, *_ in vgg.LAYERS] == [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
 
 
-@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("size", [32, pytest.param(64, marks=pytest.mark.slow)])
 def test_matches_torch(ref, variables, size):
   x, y = _pair(size)
   with torch.no_grad():
