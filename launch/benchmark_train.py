@@ -45,8 +45,9 @@ flags.mark_flags_as_required(["config"])
 
 # Dense peak TFLOP/s per device (vendor data sheets): (bf16, float32 dots). NVIDIA
 # float32 is TF32 on tensor cores (full float32 on an H100 SXM would be 66.9); TPU
-# float32 dots run as bf16 by default. H100 is the SXM part ("H100 80GB HBM3"); the
-# PCIe and NVL parts have lower peaks and are not in the table.
+# float32 dots run as bf16 by default. H100 and H200 are the SXM parts ("NVIDIA H100
+# 80GB HBM3", "NVIDIA H200"); their PCIe and NVL parts have lower peaks and get None.
+# TPU keys are JAX's device_kind ("TPU v5 lite" is v5e, "TPU v5" is v5p).
 PEAK_TFLOPS = {
     "NVIDIA H100": (989.4, 494.7), "NVIDIA H200": (989.4, 494.7),
     "NVIDIA A100": (312.0, 156.0),
@@ -58,15 +59,13 @@ PEAK_TFLOPS = {
 
 def peak_tflops(device_kind: str, dtype: str):
   """The table's dense peak for a device kind and compute dtype, or None."""
-  if device_kind.startswith("NVIDIA"):
-    if any(s in device_kind for s in ("PCIe", "NVL")) and "A100" not in device_kind:
-      return None
-    match = [k for k in PEAK_TFLOPS if k.startswith("NVIDIA") and device_kind.startswith(k)]
-  else:
-    match = [k for k in PEAK_TFLOPS if k == device_kind]
-  if not match or dtype not in ("bfloat16", "float32"):
+  lower_part = any(s in device_kind for s in ("PCIe", "NVL")) and "A100" not in device_kind
+  if dtype not in ("bfloat16", "float32") or lower_part:  # A100 PCIe: the SXM peaks
     return None
-  return PEAK_TFLOPS[match[0]][0 if dtype == "bfloat16" else 1]
+  for kind, peaks in PEAK_TFLOPS.items():
+    if device_kind == kind or (kind.startswith("NVIDIA") and device_kind.startswith(kind)):
+      return peaks[dtype == "float32"]
+  return None
 
 
 def main(argv):
