@@ -219,8 +219,9 @@ def make_evaluator(config, info, workdir: str, mesh, *, metrics=None, num_sample
 
   Sample metrics (fd, kid, pr, acc, is) need a feature network: `feature_workdir` (a
   classifier run: `*_domain` numbers) and/or `inception_weights` (FID Inception-v3:
-  `*_inception`, so fd_inception is FID); samples are labelled 0..C−1 cycled. bpd_vlb, bpd_ode: bits/dim of the first
-  `likelihood_images` images of the reference split (`bits_per_dim`).
+  `*_inception`, so fd_inception is FID); samples are labelled 0..C−1 cycled.
+  bpd_vlb, bpd_ode: bits/dim of the first `likelihood_images` images of the reference
+  split (`bits_per_dim`).
   """
   e = config.eval
   pick = lambda v, d: d if v is None else v
@@ -255,6 +256,12 @@ def make_evaluator(config, info, workdir: str, mesh, *, metrics=None, num_sample
                        "(config.eval.inception_weights, FID Inception-v3 weights)")
     sample_metrics = _sample_metrics_fn(config, info, task, workdir, nets, s, ds, mesh)
 
+  likelihood_images = None
+  if {"bpd_vlb", "bpd_ode"} & set(metrics):  # loaded once, not at every evaluation
+    likelihood_images = data.load_arrays(config.data.name, s["reference_split"],
+                                         ds["data_dir"], image_size=ds["image_size"])[0]
+    likelihood_images = likelihood_images[:s["likelihood_images"]]
+
   def evaluate_fn(step: int, params, *, max_batches=None, extra=None):
     results = {"checkpoint_step": step, "seed": s["seed"],
                "reference": f"{config.data.name}:{s['reference_split']}", **(extra or {})}
@@ -265,9 +272,7 @@ def make_evaluator(config, info, workdir: str, mesh, *, metrics=None, num_sample
       results.update(sample_results)
     for m in ("bpd_vlb", "bpd_ode"):
       if m in metrics:
-        images, _ = data.load_arrays(config.data.name, s["reference_split"], ds["data_dir"],
-                                     image_size=ds["image_size"])
-        bpd = bits_per_dim(config, info, params, images[:s["likelihood_images"]], mesh,
+        bpd = bits_per_dim(config, info, params, likelihood_images, mesh,
                            method=m[4:], num_steps=s["likelihood_steps"], seed=s["seed"],
                            batch=batch_size)
         results[m] = float(np.mean(bpd))
