@@ -1,5 +1,7 @@
-"""DDPM on CIFAR-10 (Ho et al. 2020: linear betas, T = 1000, ε-prediction, 35.7M-param
-U-Net). Needs the TFDS dataset prepared beforehand in array_record format:
+"""DDPM on CIFAR-10 (Ho et al. 2020: linear betas, T = 1000, ε-prediction, the
+unconditional 35.7M-param U-Net — 35,746,307 parameters, as the official model: additive
+time embedding, single-head attention at 16×16, dropout 0.1). Needs the TFDS dataset
+prepared beforehand in array_record format:
   tfds build cifar10 --file_format=array_record   (on a machine with internet)
 then --config.data.data_dir=<its data_dir>."""
 from diffusion_jax.config import base
@@ -15,12 +17,14 @@ def get_config():
   c.model.channel_mult = (1, 2, 2, 2)
   c.model.num_res_blocks = 2
   c.model.attn_resolutions = (16,)
+  c.model.num_heads = 1                   # DDPM's attention is single-head
   c.model.dropout = 0.1
+  c.model.scale_shift_norm = False        # h + Dense(temb) after the first conv (not AdaGN)
+  c.model.class_conditional = False       # DDPM's CIFAR-10 model is unconditional
   c.diffusion.path = "vp_discrete"
   c.diffusion.prediction = "eps"
   c.diffusion.beta_schedule = "linear"
   c.diffusion.time_sampling = "discrete"
-  c.diffusion.label_dropout = 0.1
   c.sample.sampler = "ddpm"
   c.sample.num_steps = 1000
   c.sample.clip_x0 = True

@@ -14,8 +14,8 @@ from ml_collections import config_dict
 
 # Keys whose change makes an existing checkpoint unusable (shapes/structure of the
 # state). Resuming a workdir with a different value is an error naming the key.
-STRUCTURAL_KEYS = ("task", "model", "data.name", "data.image_size", "optim.name",
-                   "superres.low_res")
+STRUCTURAL_KEYS = ("task", "model", "clip", "data.name", "data.image_size", "optim.name",
+                   "superres.low_res", "text.encoder", "text.max_length")
 
 
 def base() -> ml_collections.ConfigDict:
@@ -42,8 +42,45 @@ def base() -> ml_collections.ConfigDict:
   c.model.attn_resolutions = (16,)
   c.model.num_heads = 4
   c.model.dropout = 0.0
-  c.model.dtype = "float32"               # compute dtype; parameters stay float32
+  c.model.dtype = "float32"               # compute dtype (activations, matmuls)
+  c.model.param_dtype = "float32"         # parameter (and optimizer-state) dtype
   c.model.class_conditional = True        # False: labels are ignored (unconditional model)
+  c.model.remat = ""                      # '' | nothing | dots | dots_no_batch | everything (per block)
+  c.model.attention_impl = config_dict.placeholder(str)  # None (XLA) | xla | cudnn
+  # U-Net (ADM / DDPM++ family)
+  c.model.scale_shift_norm = True         # AdaGN GroupNorm(h)(1+s)+b (ADM); False: h + Dense(emb) (DDPM)
+  c.model.num_head_channels = 0           # > 0: heads = channels // this (ADM); 0: model.num_heads
+  c.model.resblock_updown = False         # BigGAN-style residual down/up-sampling blocks (ADM)
+  # DiT (Peebles & Xie 2023)
+  c.model.variant = ""                    # S/2 … XL/8: sets hidden_size, depth, num_heads, patch_size
+  c.model.hidden_size = 384
+  c.model.depth = 12
+  c.model.patch_size = 2
+  c.model.mlp_ratio = 4.0
+  c.model.scan = False                    # nn.scan over the DiT blocks (one compiled block)
+  # Text conditioning (when config.text.encoder is set): cross | joint (DiT, MMDiT-style)
+  c.model.text_attention = "cross"
+
+  # Text: captions → byte-level tokens (data/text.py), the CLIP task, and the text
+  # encoder that conditions diffusion.
+  c.text = ml_collections.ConfigDict()
+  c.text.max_length = 32                  # tokens incl. BOS/EOS (longer captions are cut)
+  c.text.feature = "caption"              # the dataset's text feature (embedded digits: from labels)
+  c.text.encoder = ""                     # diffusion conditioning: '' | clip | precomputed
+  c.text.clip_workdir = config_dict.placeholder(str)  # a clip run (encoder='clip'; frozen)
+  c.text.embedding_feature = "text_embedding"  # encoder='precomputed': dataset feature [M, D]
+
+  # The CLIP task (config.task='clip'): text transformer + ViT, contrastive loss.
+  c.clip = ml_collections.ConfigDict()
+  c.clip.loss = "clip"                    # clip (softmax) | siglip (sigmoid)
+  c.clip.embed_dim = 64
+  c.clip.text_width = 64
+  c.clip.text_depth = 2
+  c.clip.text_heads = 4
+  c.clip.vision_width = 64
+  c.clip.vision_depth = 2
+  c.clip.vision_heads = 4
+  c.clip.patch_size = 2
 
   # Super-resolution (a cascade's upsampling stage): the denoiser also sees the image
   # downsampled to low_res × low_res and upsampled back, as extra input channels.
@@ -132,15 +169,26 @@ def base() -> ml_collections.ConfigDict:
   c.mesh.data = -1                        # -1: all devices not used by other axes
   c.mesh.fsdp = 1                         # parameter-sharding axis size
   c.mesh.fsdp_min_size = 2 ** 14          # smaller arrays stay replicated
+  # big_vision-style rules: ((regex, spec), ...); the first regex that re.search-es a
+  # state leaf's path ('params/blocks_3/attn/qkv/kernel', also matching its EMA and
+  # optimizer moments) gives its PartitionSpec as a tuple of axis names / None
+  # ('fsdp', None); unmatched leaves get the automatic rule (largest divisible axis).
+  c.mesh.rules = ()
 
   c.lock()
   return c
 
 
 _CHOICES = {
-    "task": ("diffusion", "classifier"),
-    "model.name": ("unet",),
+    "task": ("diffusion", "classifier", "clip"),
+    "model.name": ("unet", "dit"),
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16", "float16"),
+    "model.remat": ("", "nothing", "dots", "dots_no_batch", "everything"),
+    "model.attention_impl": (None, "xla", "cudnn"),
+    "model.text_attention": ("cross", "joint"),
+    "text.encoder": ("", "clip", "precomputed"),
+    "clip.loss": ("clip", "siglip"),
     "diffusion.path": ("flow", "vp_discrete", "vp_linear", "vp_cosine", "sub_vp", "ve", "edm"),
     "diffusion.prediction": ("velocity", "eps", "x", "v", "score", "edm"),
     "diffusion.loss_weight": ("uniform", "snr", "min_snr", "edm", "vlb"),
@@ -188,6 +236,10 @@ def validate(config) -> None:
   if config.diffusion.time_sampling == "discrete" and config.diffusion.path != "vp_discrete":
     raise ValueError("config.diffusion.time_sampling='discrete' needs "
                      "config.diffusion.path='vp_discrete'")
+  if config.task == "clip" and config.eval.every:
+    raise ValueError(f"config.eval.every={config.eval.every}: a config.task='clip' run "
+                     "generates nothing to evaluate; set it to 0 and use "
+                     "launch/clip_retrieval.py")
 
 
 def to_json(config) -> str:

@@ -11,6 +11,8 @@ The same step body also compiles with `jax.pmap` (`pmap_step`), for pmap-era cod
 """
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,13 +97,56 @@ def fsdp_spec(shape, fsdp: int, min_size: int) -> P:
   return P()
 
 
+def leaf_path(path) -> str:
+  """A jax.tree key path → 'params/blocks_3/attn/qkv/kernel' (the string rules match)."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+  return "/".join(parts)
+
+
+def rule_spec(path: str, shape, rules, mesh: Mesh) -> P | None:
+  """The PartitionSpec of the first rule whose regex re.search-es `path`; None if no rule
+  matches. Errors name the rule, the leaf and the shape."""
+  for pattern, spec in rules:
+    if not re.search(pattern, path):
+      continue
+    spec = tuple(spec)
+    if len(spec) > len(shape):
+      raise ValueError(f"config.mesh.rules: ({pattern!r}, {spec}) has more entries than "
+                       f"{path} has axes (shape {tuple(shape)})")
+    for dim, axes in zip(shape, spec):
+      names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      unknown = [a for a in names if a not in mesh.shape]
+      if unknown:
+        raise ValueError(f"config.mesh.rules: ({pattern!r}, {spec}) names mesh axes "
+                         f"{unknown}; the mesh has {list(mesh.shape)}")
+      size = int(np.prod([mesh.shape[a] for a in names], dtype=np.int64))
+      if dim % size:
+        raise ValueError(f"config.mesh.rules: ({pattern!r}, {spec}) splits an axis of size "
+                         f"{dim} of {path} (shape {tuple(shape)}) over {size} devices")
+    return P(*spec)
+  return None
+
+
 def state_shardings(mesh: Mesh, abstract_state, mesh_cfg):
-  """NamedShardings for a (train-)state pytree of ShapeDtypeStructs. Parameters, EMA
-  and optimizer moments share shapes, so they share shardings by construction."""
+  """NamedShardings for a (train-)state pytree of ShapeDtypeStructs: the first matching
+  `mesh_cfg.rules` (regex → spec, big_vision style) or else `fsdp_spec`. Rules match
+  the leaf's path, so a parameter's EMA copy and optimizer moments ('opt_state/0/mu/
+  blocks_3/attn/qkv/kernel') get the parameter's sharding."""
   fsdp = mesh.shape["fsdp"]
-  return jax.tree.map(
-      lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp, mesh_cfg.fsdp_min_size)),
-      abstract_state)
+  rules = tuple(getattr(mesh_cfg, "rules", ()) or ())
+
+  def one(path, x):
+    spec = rule_spec(leaf_path(path), x.shape, rules, mesh)
+    if spec is None:
+      spec = fsdp_spec(x.shape, fsdp, mesh_cfg.fsdp_min_size)
+    return NamedSharding(mesh, spec)
+
+  return jax.tree_util.tree_map_with_path(one, abstract_state)
 
 
 def host_to_global(local_batch, mesh: Mesh):

@@ -27,10 +27,12 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0, scale: float = 
 class SelfAttention2D(nn.Module):
   """Multi-head self-attention over the H·W positions of x [B, H, W, C] (pre-norm,
   residual, zero-initialised output projection). Uses jax.nn.dot_product_attention,
-  which dispatches to cuDNN flash attention on GPU."""
+  which dispatches to cuDNN flash attention on GPU (`implementation`: None / 'xla' /
+  'cudnn', its argument; cuDNN needs a bfloat16/float16 compute dtype)."""
   num_heads: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  implementation: str | None = None
 
   @nn.compact
   def __call__(self, x):
@@ -41,7 +43,7 @@ class SelfAttention2D(nn.Module):
     qkv = nn.DenseGeneral((3, self.num_heads, C // self.num_heads), dtype=self.dtype,
                           param_dtype=self.param_dtype, name="qkv")(h.reshape(B, H * W, C))
     q, k, v = (qkv[:, :, i] for i in range(3))
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
     out = nn.DenseGeneral(C, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
                           kernel_init=nn.initializers.zeros, name="out")(out)
     return x + out.reshape(B, H, W, C).astype(x.dtype)
@@ -50,3 +52,80 @@ class SelfAttention2D(nn.Module):
 def _groups(channels: int) -> int:
   """GroupNorm groups: 32 as in DDPM when channels allow, else the largest divisor ≤ 32."""
   return next(g for g in range(min(32, channels), 0, -1) if channels % g == 0)
+
+
+class Attention(nn.Module):
+  """Multi-head attention of tokens x [B, N, D] to `context` [B, M, Dc] (self-attention
+  when context is None): softmax(q kᵀ/√h) v over heads of width h = D / num_heads,
+  then an output projection (timm's / DiT's Attention; cross-attention as in Stable
+  Diffusion and PixArt-α).
+
+  mask [B, M] (True = attend) hides padded context tokens; is_causal (self-attention)
+  also hides keys after the query (token i attends to j ≤ i). Softmax is float32 inside
+  `jax.nn.dot_product_attention` whatever the compute dtype; `implementation` is its
+  argument (None: XLA, 'cudnn': cuDNN flash attention on GPU, bf16/fp16 only).
+  """
+  num_heads: int
+  qkv_bias: bool = True
+  zero_init_out: bool = False
+  is_causal: bool = False
+  implementation: str | None = None
+  kernel_init: Any = nn.initializers.lecun_normal()
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context=None, mask=None):
+    D = x.shape[-1]
+    if D % self.num_heads:
+      raise ValueError(f"attention width {D} not divisible by num_heads={self.num_heads}")
+    heads = (self.num_heads, D // self.num_heads)
+    dense = lambda features, name, **kw: nn.DenseGeneral(
+        features, use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=self.kernel_init, name=name, **kw)
+    if context is None:
+      q, k, v = jnp.moveaxis(dense((3,) + heads, "qkv")(x), -3, 0)
+    else:
+      q = dense(heads, "q")(x)
+      k, v = jnp.moveaxis(dense((2,) + heads, "kv")(context), -3, 0)
+    if mask is not None:
+      mask = mask[:, None, None, :].astype(bool)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.is_causal,
+                                       implementation=self.implementation)
+    kernel_init = nn.initializers.zeros if self.zero_init_out else self.kernel_init
+    return nn.DenseGeneral(D, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+                           kernel_init=kernel_init, name="proj")(out)
+
+
+class Mlp(nn.Module):
+  """Dense(hidden) → GELU (tanh approximation, as DiT/ViT) → Dense(out, default D)."""
+  hidden: int
+  out: int | None = None
+  kernel_init: Any = nn.initializers.lecun_normal()
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init)
+    h = nn.gelu(nn.Dense(self.hidden, name="fc1", **kw)(x), approximate=True)
+    return nn.Dense(self.out or x.shape[-1], name="fc2", **kw)(h)
+
+
+REMAT_POLICIES = {
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "everything": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def maybe_remat(module_cls, policy: str, **kw):
+  """nn.remat(module_cls) with a named policy of what to keep for the backward pass
+  ('' : no rematerialisation). Recomputing a block's activations trades FLOPs for
+  memory; parameters and outputs are unchanged."""
+  if not policy:
+    return module_cls
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"model.remat={policy!r}: expected '' or one of {sorted(REMAT_POLICIES)}")
+  return nn.remat(module_cls, policy=REMAT_POLICIES[policy], **kw)
