@@ -81,7 +81,7 @@ def main(argv):
   abstract = jax.eval_shape(lambda k: task.init(config, k, info), init_key)
   shardings = parallel.state_shardings(mesh, abstract, config.mesh)
   state = jax.jit(lambda k: task.init(config, k, info), out_shardings=shardings)(init_key)
-  it = data.make_train_iterator(config.data, seed=config.seed)
+  it = data.make_train_iterator(config.data, seed=config.seed, text=data.text_options(config))
   batches = [parallel.host_to_global(next(it), mesh) for _ in range(min(_STEPS.value, 8))]
   step = jax.jit(task.train_step(config, info), donate_argnums=(0,),
                  in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),

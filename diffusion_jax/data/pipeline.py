@@ -1,11 +1,17 @@
 """Deterministic, resumable, multi-host image input pipeline (TFDS + grain).
 
-Invariant: the global batch at step s depends only on (data config, seed), not
-on how many processes read it. All processes build the same infinite element
+Invariant: the global batch at step s depends only on (data config, text options,
+seed), not on how many processes read it. All processes build the same infinite element
 stream (shuffle -> repeat -> per-element preprocessing keyed by global stream
 position), cut it into chunks of b_local = batch_size // process_count, and
 process p takes chunks p, p + P, p + 2P, ... So concatenating hosts 0..P-1's
 step-s batches in order gives the single-process step-s batch.
+
+Runs that need text (`text_options(config)` is not None: config.task == 'clip' or
+config.text.encoder != '') also get "tokens" (data/text.py): captions made from the
+labels for the embedded digit datasets (template drawn from the element's generator),
+else the dataset's string feature config.text.feature; with config.text.encoder ==
+'precomputed' also "text_embedding", the dataset feature config.text.embedding_feature.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from diffusion_jax.data import builders
+from diffusion_jax.data import builders, text as text_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +43,66 @@ class DatasetInfo:
   image_shape: tuple[int, int, int]
   num_classes: int
   num_examples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TextOptions:
+  """What text a run's batches carry (from `text_options(config)`).
+
+  Attributes:
+    max_length: tokens per caption, incl. BOS/EOS (config.text.max_length).
+    feature: the dataset's string feature (config.text.feature); unused for the
+      embedded digit datasets, whose captions come from their labels.
+    embedding_feature: config.text.embedding_feature when config.text.encoder ==
+      'precomputed' (passed through as "text_embedding" float32), else None.
+  """
+
+  max_length: int
+  feature: str = "caption"
+  embedding_feature: str | None = None
+
+
+def text_options(config: Any, *, force: bool = False) -> TextOptions | None:
+  """TextOptions of a full config, or None when the run needs no text (neither
+  config.task == 'clip' nor config.text.encoder set). force: options even then."""
+  if not (force or config.task == "clip" or config.text.encoder):
+    return None
+  return TextOptions(
+      max_length=int(config.text.max_length),
+      feature=config.text.feature,
+      embedding_feature=(config.text.embedding_feature
+                         if config.text.encoder == "precomputed" else None),
+  )
+
+
+def _check_text_features(name: str, data_dir: str | None, text: TextOptions) -> bool:
+  """Raises unless dataset `name` has the features `text` needs. Returns True when
+  captions come from labels (the embedded digit datasets)."""
+  text_lib.encode([""], text.max_length)  # validates max_length, naming the key
+  from_labels = name in builders.EMBEDDED
+  features = _open_builder(name, data_dir).info.features
+  needed = [] if from_labels else [("config.text.feature", text.feature)]
+  if text.embedding_feature is not None:
+    needed.append(("config.text.embedding_feature", text.embedding_feature))
+  for key, feature in needed:
+    if feature not in features:
+      raise ValueError(
+          f"{key}={feature!r}: dataset {name!r} has no such feature (it has "
+          f"{sorted(features.keys())})"
+          + ("; the embedded datasets have captions from their labels but no "
+             "precomputed text embeddings" if from_labels else ""))
+  return from_labels
+
+
+def _caption_tokens(element, label, rng, text: TextOptions, from_labels: bool):
+  """Tokens int32 [max_length] of one element's caption."""
+  if from_labels:
+    caption = text_lib.digit_caption(label, text_lib.choose_template(rng))
+  else:
+    caption = element[text.feature]
+    if isinstance(caption, np.ndarray):
+      caption = caption.item()
+  return text_lib.encode([caption], text.max_length)[0]
 
 
 def _fix_hint(name: str, data_dir: str) -> str:
@@ -152,13 +218,23 @@ def _preprocess(
     image_size: int | None,
     random_flip: bool,
     conditional: bool,
+    text: TextOptions | None = None,
+    captions_from_labels: bool = False,
 ) -> dict[str, np.ndarray]:
-  """Source element -> {"image": float32 [H,W,C], "label": int32 []}."""
+  """Source element -> {"image": float32 [H,W,C], "label": int32 []} (+ "tokens" int32
+  [max_length], "text_embedding" float32 when `text` asks for them)."""
   image = to_model_image(element["image"], image_size)
   if random_flip and rng.random() < 0.5:
     image = image[:, ::-1]
   label = element["label"] if conditional else 0
-  return {"image": np.ascontiguousarray(image), "label": np.int32(label)}
+  out = {"image": np.ascontiguousarray(image), "label": np.int32(label)}
+  if text is not None:
+    # Drawn after the flip, so image batches are the same with or without text.
+    out["tokens"] = _caption_tokens(element, element.get("label", 0), rng, text,
+                                    captions_from_labels)
+    if text.embedding_feature is not None:
+      out["text_embedding"] = np.asarray(element[text.embedding_feature], np.float32)
+  return out
 
 
 def _derive_seeds(seed: int) -> tuple[int, int]:
@@ -182,6 +258,7 @@ def make_train_iterator(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    text: TextOptions | None = None,
 ) -> grain.DatasetIterator:
   """Infinite iterator of this process's share of each global training batch.
 
@@ -191,12 +268,15 @@ def make_train_iterator(
       `image_size` (0 = native), `num_threads` (0 = main thread), `prefetch`.
     seed: fixes the shuffle order and augmentation; identical on all processes.
     process_index, process_count: default to jax.process_index()/count().
+    text: `text_options(config)`; None: no text in the batches.
 
   Returns:
     A grain DatasetIterator (JSON-serialisable `get_state()`, `set_state()`)
     yielding {"image": float32 [b_local,H,W,C] in [-1, 1], "label": int32
-    [b_local]} forever, b_local = batch_size // process_count. Epochs are
-    reshuffled, and batches may straddle epoch boundaries.
+    [b_local]} forever, b_local = batch_size // process_count, plus "tokens"
+    int32 [b_local, max_length] (and "text_embedding" float32 [b_local, ...]) when
+    `text` is given. Epochs are reshuffled, and batches may straddle epoch
+    boundaries.
   """
   if process_index is None:
     process_index = jax.process_index()
@@ -217,12 +297,16 @@ def make_train_iterator(
       _get(data_config, "data_dir", None),
       image_size=image_size,
   )
+  from_labels = (text is not None and _check_text_features(
+      data_config.name, _get(data_config, "data_dir", None), text))
   shuffle_seed, augment_seed = _derive_seeds(seed)
   preprocess = functools.partial(
       _preprocess,
       image_size=image_size,
       random_flip=bool(_get(data_config, "random_flip", False)),
       conditional=info.num_classes > 0,
+      text=text,
+      captions_from_labels=from_labels,
   )
   local_batch = batch_size // process_count
   # Index i of `ds` below is the i-th element of the global stream: a
@@ -263,3 +347,40 @@ def load_arrays(
       [e["label"] if info.num_classes else 0 for e in elements], np.int32
   )
   return images, labels
+
+
+def load_text_arrays(
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    text: TextOptions,
+    image_size: int | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """A whole (small) split with its captions, for evaluation (e.g. CLIP retrieval).
+
+  Captions are the dataset's `text.feature`, or for the embedded digit datasets made
+  from the labels with template indices drawn from `seed` (a fixed seed gives the
+  same captions; all templates appear).
+
+  Returns:
+    images: float32 [N,H,W,C] in [-1, 1]; labels: int32 [N] (zeros for unconditional
+    datasets); tokens: int32 [N, text.max_length].
+  """
+  data_dir = None if data_dir is None else os.fspath(data_dir)
+  from_labels = _check_text_features(name, data_dir, text)
+  source, info = get_source(name, split, data_dir, image_size=image_size)
+  elements = [source[i] for i in range(len(source))]
+  images = np.stack([to_model_image(e["image"], image_size) for e in elements])
+  labels = np.asarray(
+      [e["label"] if info.num_classes else 0 for e in elements], np.int32
+  )
+  if from_labels:
+    rng = np.random.default_rng(np.random.SeedSequence(seed))
+    templates = rng.integers(len(text_lib.TEMPLATES), size=len(elements))
+    captions = text_lib.digit_captions(labels, templates)
+  else:
+    captions = [e[text.feature] for e in elements]
+    captions = [c.item() if isinstance(c, np.ndarray) else c for c in captions]
+  return images, labels, text_lib.encode(captions, text.max_length)

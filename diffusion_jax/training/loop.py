@@ -89,7 +89,8 @@ def _train(config, workdir, devices, preemption):
                             async_save=config.train.async_checkpointing)
   meta = {"config": config_lib.to_json(config),
           "dataset": {"image_shape": list(info.image_shape), "num_classes": info.num_classes}}
-  data_iter = data.make_train_iterator(config.data, seed=config.seed)
+  data_iter = data.make_train_iterator(config.data, seed=config.seed,
+                                        text=data.text_options(config))
 
   latest = mngr.latest_step()
   if latest is not None:

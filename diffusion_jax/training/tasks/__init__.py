@@ -1,7 +1,7 @@
 """Tasks: one module per model family (see diffusion.py for the interface)."""
-from diffusion_jax.training.tasks import classifier, diffusion
+from diffusion_jax.training.tasks import classifier, clip, diffusion
 
-TASKS = {"diffusion": diffusion, "classifier": classifier}
+TASKS = {"diffusion": diffusion, "classifier": classifier, "clip": clip}
 
 
 def get(name: str):
