@@ -45,6 +45,9 @@ _INPAINT = flags.DEFINE_string("inpaint", None, "Region to regenerate, or a mask
 _CLS_WORKDIR = flags.DEFINE_string("classifier_workdir", None,
                                    "Classifier run for classifier guidance.")
 _CLS_SCALE = flags.DEFINE_float("classifier_scale", 1.0, "Classifier guidance scale s.")
+_PROMPTS = flags.DEFINE_multi_string(
+    "prompt", None, "Caption(s) of a text-conditional run, cycled to N (repeatable; "
+    "default: the digit caption of each label).")
 flags.mark_flags_as_required(["workdir", "output"])
 
 
@@ -86,7 +89,7 @@ def main(argv):
         sampler=_SAMPLER.value, num_steps=_STEPS.value, guidance=_GUIDANCE.value,
         step=_STEP.value, use_ema=not _RAW.value, inputs=inputs, inpaint=inpaint,
         strength=_STRENGTH.value, classifier_workdir=_CLS_WORKDIR.value,
-        classifier_scale=_CLS_SCALE.value)
+        classifier_scale=_CLS_SCALE.value, prompts=_PROMPTS.value)
   except common.USER_ERRORS as e:
     common.fail(e)
   if jax.process_index() == 0:

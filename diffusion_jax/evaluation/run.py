@@ -141,12 +141,12 @@ def bits_per_dim(config, info, params, images, mesh, *, method: str, num_steps: 
   task = tasks.get(config.task)
   net = task.network_fn(config, info)
   path, prediction = paths.from_config(config.diffusion), config.diffusion.prediction
-  ncls = task.num_classes(config, info)
+  ncls = task.null_label(config, info)
   dims = int(np.prod(info.image_shape))
 
   def one(params, x, key):
     """Bits/dim of one image x [H,W,C] from its own key (vmapped over the batch)."""
-    x, label = x[None], jnp.full((1,), ncls, jnp.int32)  # the null class (0: unconditional)
+    x, label = x[None], jnp.full((1,), ncls, jnp.int32)  # ∅ (0: unconditional)
     if method == "vlb":
       x0_fn = lambda x_t, t: predictions.to_x0_eps(path, prediction, net(params, x_t, t, label),
                                                    x_t, t)[0]
@@ -302,7 +302,9 @@ def _sample_metrics_fn(config, info, task, workdir, nets, s, ds, mesh):
   settings["feature_networks"] = {name: net.source for name, net in nets.items()}
   metrics, num_samples, batch_size = s["metrics"], s["num_samples"], s["batch_size"]
   eval_dir = os.path.join(workdir, "eval")
-  ncls = task.num_classes(config, info)
+  # Conditional samples, class by class: class-conditional models get labels, text
+  # models on labelled data the captions of those labels (`task.conditioning`).
+  ncls = task.num_classes(config, info) or (info.num_classes if config.text.encoder else 0)
   labels_all = (np.arange(num_samples) % max(ncls, 1)).astype(np.int32)
   compiled = _compile(task.sample(config, info, sampler=s["sampler"],
                                   num_steps=s["num_steps"], guidance=s["guidance"]), nets)
@@ -330,8 +332,8 @@ def _sample_metrics_fn(config, info, task, workdir, nets, s, ds, mesh):
       if max_batches is not None and batches == max_batches:
         return None
       n = min(batch_size, num_samples - done)
-      out = generate.generate(compiled, params, {"label": labels_all[done:done + n]}, key,
-                              mesh, f_params, offset=done)
+      cond = task.conditioning(config, info, labels_all[done:done + n])
+      out = generate.generate(compiled, params, cond, key, mesh, f_params, offset=done)
       for name, (lg, ft) in out.items():
         if not np.all(np.isfinite(ft)):
           raise FloatingPointError(f"non-finite {name} features for samples "

@@ -31,9 +31,9 @@ def generate(compiled, params, cond: dict, key, mesh, *extra, offset: int = 0):
   fold_in(key, offset + i)), so a long run can be generated batch by batch."""
   n = len(cond["label"])
   padded = parallel.padded_size(n, mesh)
-  cond = {k: parallel.shard_padded(np.asarray(v, np.int32 if k == "label" else np.float32),
-                                   padded, mesh)
-          for k, v in cond.items()}
+  as_jax = lambda v: np.asarray(v, np.int32 if np.issubdtype(np.asarray(v).dtype, np.integer)
+                                else np.float32)  # labels, tokens | images, embeddings
+  cond = {k: parallel.shard_padded(as_jax(v), padded, mesh) for k, v in cond.items()}
   indices = parallel.shard_padded(offset + np.arange(padded, dtype=np.int32), padded, mesh)
   out = compiled(params, cond, indices, key, *extra)
   return jax.tree.map(lambda a: parallel.to_host(a)[:n], out)
@@ -79,7 +79,7 @@ def resolve_labels(info, num_samples: int, labels=None) -> np.ndarray:
 def sample_run(workdir: str, num_samples: int, labels=None, *, seed: int = 0, sampler=None,
                num_steps=None, guidance=None, step=None, use_ema: bool = True, inputs=None,
                inpaint=None, strength: float = 1.0, classifier_workdir: str | None = None,
-               classifier_scale: float = 1.0):
+               classifier_scale: float = 1.0, prompts=None):
   """Samples a trained run → (images float [N,H,W,C] in [-1, 1], labels int [N], info,
   checkpoint step). Labels as in `resolve_labels`.
 
@@ -91,13 +91,15 @@ def sample_run(workdir: str, num_samples: int, labels=None, *, seed: int = 0, sa
   strength: SDEdit's t₀ (1 = start from pure noise).
   classifier_workdir, classifier_scale: classifier guidance by a run of the
     classifier task on the same path and data shape.
+  prompts: captions (cycled to N) for a text-conditional run (default: each label's
+    digit caption, for the embedded digit datasets).
   """
   config, info, state, mesh, step = load_run(workdir, step)
   task = tasks.get(config.task)
   if not hasattr(task, "sample"):
     raise ValueError(f"{workdir} holds a {config.task!r} run, which does not sample")
   n, shape = num_samples, tuple(info.image_shape)
-  cond = {"label": resolve_labels(info, n, labels)}
+  cond = task.conditioning(config, info, resolve_labels(info, n, labels), prompts)
   if inputs is not None:
     inputs = np.asarray(inputs, np.float32)
     if inputs.ndim != 4 or inputs.shape[-1] != shape[-1]:
