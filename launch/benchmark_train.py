@@ -1,10 +1,13 @@
 r"""Training throughput of a config: compile time, step time, images/s, FLOPs, MFU, memory.
 
   python launch/benchmark_train.py --config=configs/quickstart.py [--steps=50] \
-      [--peak_tflops=...] [--config.data.batch_size=256 ...]
+      [--peak_tflops=...] [--synthetic=32,32,4] [--config.data.batch_size=256 ...]
 
 Measures the real compiled train step on real batches (the same sharded jit as the
-loop, no checkpoints or logging) and prints one JSON line:
+loop, no checkpoints or logging) and prints one JSON line. --synthetic=H,W,C replaces
+the dataset by uniform random images of that shape with labels of
+--synthetic_classes classes (e.g. a DiT on ImageNet-256's 32×32×4 latents without the
+data):
 
 - compile_s: `lower().compile()` of the step; step_ms, steps_per_s, images_per_s: mean
   over --steps steps after one warm-up step, ended by block_until_ready.
@@ -30,6 +33,7 @@ import json
 import time
 
 import jax
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -41,6 +45,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed steps (after one warm-up step).")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Dense peak TFLOP/s of one device, for "
                            "mfu (default: PEAK_TFLOPS by device kind and model dtype).")
+_SYNTHETIC = flags.DEFINE_list("synthetic", None, "H,W,C: random images of this shape "
+                                "instead of config.data (no dataset needed).")
+_SYNTHETIC_CLASSES = flags.DEFINE_integer("synthetic_classes", 1000,
+                                          "Label classes of --synthetic batches.")
 flags.mark_flags_as_required(["config"])
 
 # Dense peak TFLOP/s per device (vendor data sheets): (bf16, float32 dots). NVIDIA
@@ -68,6 +76,19 @@ def peak_tflops(device_kind: str, dtype: str):
   return None
 
 
+def _host_batches(config, info):
+  """Up to 8 of this host's batches: from config.data, or random with --synthetic."""
+  n = min(_STEPS.value, 8)
+  if not _SYNTHETIC.value:
+    it = data.make_train_iterator(config.data, seed=config.seed, text=data.text_options(config))
+    return [next(it) for _ in range(n)]
+  local = config.data.batch_size // jax.process_count()
+  rng = np.random.default_rng(config.seed + jax.process_index())
+  return [{"image": rng.uniform(-1, 1, (local,) + info.image_shape).astype(np.float32),
+           "label": rng.integers(0, max(info.num_classes, 1), local).astype(np.int32)}
+          for _ in range(n)]
+
+
 def main(argv):
   del argv
   common.start()
@@ -76,13 +97,22 @@ def main(argv):
   task = tasks.get(config.task)
   mesh = parallel.make_mesh(config.mesh)
   parallel.check_batch_size(config.data.batch_size, mesh)
-  info = loop.dataset_info(config)
+  if _SYNTHETIC.value:
+    shape = tuple(int(v) for v in _SYNTHETIC.value)
+    if len(shape) != 3:
+      raise ValueError(f"--synthetic={','.join(_SYNTHETIC.value)}: expected H,W,C")
+    if config.task == "clip" or config.text.encoder:
+      raise ValueError("--synthetic makes images and labels only; this config "
+                       "(config.task / config.text.encoder) needs captions")
+    info = data.DatasetInfo(image_shape=shape, num_classes=_SYNTHETIC_CLASSES.value,
+                            num_examples=0)
+  else:
+    info = loop.dataset_info(config)
   init_key, step_root, _ = loop.keys(config.seed)
   abstract = jax.eval_shape(lambda k: task.init(config, k, info), init_key)
   shardings = parallel.state_shardings(mesh, abstract, config.mesh)
   state = jax.jit(lambda k: task.init(config, k, info), out_shardings=shardings)(init_key)
-  it = data.make_train_iterator(config.data, seed=config.seed, text=data.text_options(config))
-  batches = [parallel.host_to_global(next(it), mesh) for _ in range(min(_STEPS.value, 8))]
+  batches = [parallel.host_to_global(b, mesh) for b in _host_batches(config, info)]
   step = jax.jit(task.train_step(config, info), donate_argnums=(0,),
                  in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
                  out_shardings=(shardings, parallel.replicated(mesh)))
