@@ -14,8 +14,14 @@ from ml_collections import config_dict
 
 # Keys whose change makes an existing checkpoint unusable (shapes/structure of the
 # state). Resuming a workdir with a different value is an error naming the key.
-STRUCTURAL_KEYS = ("task", "model", "clip", "data.name", "data.image_size", "optim.name",
+STRUCTURAL_KEYS = ("task", "model", "clip", "gan.generator", "gan.discriminator",
+                   "gan.latent_dim", "gan.channels", "gan.d_norm", "gan.mlp_width",
+                   "gan.mlp_depth", "gan.style_dim", "gan.mapping_depth",
+                   "gan.patch_layers", "data.name", "data.image_size", "optim.name",
                    "superres.low_res", "text.encoder", "text.max_length")
+# Keys under a structural prefix that change compute only (a resumed run may switch
+# them, e.g. turn on remat or bf16 compute to fit a bigger batch).
+COMPUTE_ONLY_KEYS = ("model.remat", "model.attention_impl", "model.dtype", "model.dropout")
 
 
 def base() -> ml_collections.ConfigDict:
@@ -87,6 +93,28 @@ def base() -> ml_collections.ConfigDict:
   c.superres = ml_collections.ConfigDict()
   c.superres.low_res = 0                  # 0: off
   c.superres.noise_aug = 0.0              # std of Gaussian noise on the low-res input (train and sample)
+
+  # The GAN task (config.task='gan'): generator and discriminator (nets/gan.py), the
+  # adversarial losses (losses/gan.py), d_steps discriminator updates per generator
+  # update in one compiled step. model.class_conditional, model.dtype and
+  # model.param_dtype apply to both networks; config.optim is the generator's
+  # optimizer and, with gan.d_lr, the discriminator's.
+  c.gan = ml_collections.ConfigDict()
+  c.gan.loss = "non_saturating"           # minimax | non_saturating | hinge | lsgan | wgan
+  c.gan.gp_weight = 0.0                   # λ of WGAN-GP's E[(‖∇D(x̂)‖ − 1)²] on interpolates
+  c.gan.r1_weight = 0.0                   # γ of R1's γ/2·E[‖∇D(x_real)‖²]
+  c.gan.d_steps = 1                       # discriminator updates per generator update
+  c.gan.d_lr = config_dict.placeholder(float)  # None: optim.lr (else TTUR)
+  c.gan.latent_dim = 64                   # z ~ N(0, I)
+  c.gan.generator = "dcgan"               # mlp | dcgan | stylegan
+  c.gan.discriminator = "dcgan"           # mlp | dcgan | patchgan
+  c.gan.channels = 64                     # base width: G's last hidden, D's first layer
+  c.gan.d_norm = "batch"                  # batch | layer | none (discriminator; not batch with gp/r1)
+  c.gan.mlp_width = 256                   # mlp generator / discriminator
+  c.gan.mlp_depth = 3
+  c.gan.style_dim = 128                   # stylegan: w
+  c.gan.mapping_depth = 4                 # stylegan: layers of the mapping network
+  c.gan.patch_layers = 3                  # patchgan: strided layers (3: 70×70 receptive field)
 
   # The classifier task (config.task='classifier'): the U-Net's encoder with the
   # config.model size keys, trained on x_t of config.diffusion's path (classifier
@@ -180,7 +208,7 @@ def base() -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
-    "task": ("diffusion", "classifier", "clip"),
+    "task": ("diffusion", "classifier", "clip", "gan"),
     "model.name": ("unet", "dit"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
@@ -189,6 +217,10 @@ _CHOICES = {
     "model.text_attention": ("cross", "joint"),
     "text.encoder": ("", "clip", "precomputed"),
     "clip.loss": ("clip", "siglip"),
+    "gan.loss": ("minimax", "non_saturating", "hinge", "lsgan", "wgan"),
+    "gan.generator": ("mlp", "dcgan", "stylegan"),
+    "gan.discriminator": ("mlp", "dcgan", "patchgan"),
+    "gan.d_norm": ("batch", "layer", "none"),
     "diffusion.path": ("flow", "vp_discrete", "vp_linear", "vp_cosine", "sub_vp", "ve", "edm"),
     "diffusion.prediction": ("velocity", "eps", "x", "v", "score", "edm"),
     "diffusion.loss_weight": ("uniform", "snr", "min_snr", "edm", "vlb"),
@@ -204,7 +236,9 @@ _CHOICES = {
 }
 _POSITIVE = ("data.batch_size", "train.num_steps", "train.log_every", "train.keep_checkpoints",
              "diffusion.num_steps", "sample.num_steps", "model.channels", "eval.num_samples",
-             "eval.batch_size", "eval.likelihood_images", "eval.likelihood_steps")
+             "eval.batch_size", "eval.likelihood_images", "eval.likelihood_steps",
+             "gan.d_steps", "gan.latent_dim", "gan.channels", "gan.mlp_width", "gan.mlp_depth",
+             "gan.style_dim", "gan.mapping_depth", "gan.patch_layers")
 
 
 def get(config, dotted: str):
@@ -227,7 +261,7 @@ def validate(config) -> None:
       raise ValueError(f"config.{key}={get(config, key)!r} must be > 0")
   for key in ("train.checkpoint_every", "train.sample_every", "optim.warmup_steps", "eval.every",
               "sample.per_class",
-              "superres.low_res", "superres.noise_aug"):
+              "superres.low_res", "superres.noise_aug", "gan.gp_weight", "gan.r1_weight"):
     if get(config, key) < 0:
       raise ValueError(f"config.{key}={get(config, key)!r} must be >= 0")
   if not 0 <= config.diffusion.label_dropout < 1:
@@ -236,6 +270,11 @@ def validate(config) -> None:
   if config.diffusion.time_sampling == "discrete" and config.diffusion.path != "vp_discrete":
     raise ValueError("config.diffusion.time_sampling='discrete' needs "
                      "config.diffusion.path='vp_discrete'")
+  if config.task == "gan" and config.gan.d_norm == "batch" and (
+      config.gan.gp_weight or config.gan.r1_weight):
+    raise ValueError("config.gan.d_norm='batch' with config.gan.gp_weight / r1_weight: a "
+                     "gradient penalty is per example, BatchNorm mixes the batch; use "
+                     "d_norm='layer' or 'none'")
   if config.task == "clip" and config.eval.every:
     raise ValueError(f"config.eval.every={config.eval.every}: a config.task='clip' run "
                      "generates nothing to evaluate; set it to 0 and use "
@@ -271,6 +310,8 @@ def structural_diff(saved, current) -> list[str]:
   cur_flat = _flatten(json.loads(to_json(current)))
   diffs = []
   for key in sorted(set(saved_flat) | set(cur_flat)):
+    if key in COMPUTE_ONLY_KEYS:
+      continue
     if any(key == s or key.startswith(s + ".") for s in STRUCTURAL_KEYS):
       if saved_flat.get(key) != cur_flat.get(key):
         diffs.append(f"{key}: checkpoint has {saved_flat.get(key)!r}, config has {cur_flat.get(key)!r}")

@@ -13,8 +13,13 @@ to N; its `labels`, where >= 0, are used unless --labels is given):
   --classifier_workdir=DIR --classifier_scale=S   classifier guidance by a run of the
                              classifier task (same path and data)
 
-Writes `images` (uint8 [N, H, W, C]) and `labels` (int32 [N]; -1 for unconditional
-models) to the .npz, and with --grid a PNG beside it. Deterministic for a given seed,
+GAN runs: --interpolate=linear|slerp [--interpolation_points=8] writes latent
+interpolation strips instead: row r goes from z0 to z1 (drawn from --seed and r) with
+label r of --labels (cycled to --num_samples rows): `images` uint8 [R, P, H, W, C] and,
+with --grid, a PNG with one strip per row.
+
+Writes `images` (uint8 [N, H, W, C]), `values` (the model's float32 output, e.g. the 2-D
+points of a ring8 GAN) and `labels` (int32 [N]; -1 for unconditional models) to the .npz, and with --grid a PNG beside it. Deterministic for a given seed,
 whatever the number of devices.
 """
 import os
@@ -24,7 +29,7 @@ import numpy as np
 from absl import app, flags
 
 from diffusion_jax import io
-from diffusion_jax.training import generate
+from diffusion_jax.training import generate, tasks
 from diffusion_jax_launch import common
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by diffusion-jax-train.")
@@ -48,6 +53,9 @@ _CLS_SCALE = flags.DEFINE_float("classifier_scale", 1.0, "Classifier guidance sc
 _PROMPTS = flags.DEFINE_multi_string(
     "prompt", None, "Caption(s) of a text-conditional run, cycled to N (repeatable; "
     "default: the digit caption of each label).")
+_INTERPOLATE = flags.DEFINE_enum("interpolate", None, ["linear", "slerp"],
+                                 "GAN runs: latent interpolation strips (see above).")
+_POINTS = flags.DEFINE_integer("interpolation_points", 8, "Images per interpolation strip.")
 flags.mark_flags_as_required(["workdir", "output"])
 
 
@@ -78,10 +86,41 @@ def _inputs():
   return images, labels, inpaint
 
 
+def _interpolation_strips():
+  """(images uint8 [R, P, H, W, C], labels [R], checkpoint step) of a GAN run."""
+  config, info, state, _, step = generate.load_run(_WORKDIR.value, _STEP.value)
+  task = tasks.get(config.task)
+  if not hasattr(task, "interpolate"):
+    raise ValueError(f"--interpolate needs a GAN run; {_WORKDIR.value} is a "
+                     f"{config.task!r} run")
+  labels = generate.resolve_labels(info, _NUM.value, _LABELS.value)
+  tree = state.params if _RAW.value else state.ema_params
+  strips = jax.jit(lambda t, l: task.interpolate(
+      config, info, t, jax.random.key(_SEED.value), l, _POINTS.value, _INTERPOLATE.value))(
+          tree, labels)
+  return io.to_uint8(np.asarray(strips)), labels, step
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.start()
+  if _INTERPOLATE.value:
+    try:
+      strips, labels, step = _interpolation_strips()
+    except common.USER_ERRORS as e:
+      common.fail(e)
+    if jax.process_index() == 0:
+      output = _OUTPUT.value
+      os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+      np.savez(output, images=strips, labels=labels)
+      print(f"Wrote {len(strips)} interpolation strips (checkpoint step {step}) to {output}")
+      if _GRID.value:
+        flat = strips.reshape((-1,) + strips.shape[2:])
+        png = io.save_png(os.path.splitext(output)[0] + ".png",
+                          io.grid(flat, len(strips)), upscale=max(1, 64 // flat.shape[1]))
+        print(f"Wrote strips to {png}")
+    return
   try:
     inputs, input_labels, inpaint = _inputs()
     images, labels, info, step = generate.sample_run(
@@ -93,13 +132,13 @@ def main(argv):
   except common.USER_ERRORS as e:
     common.fail(e)
   if jax.process_index() == 0:
-    images = io.to_uint8(images)
+    values, images = np.asarray(images, np.float32), io.to_uint8(images)
     labels = labels if info.num_classes else np.full(len(labels), -1, np.int32)
     output = _OUTPUT.value
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    np.savez(output, images=images, labels=labels)
+    np.savez(output, images=images, labels=labels, values=values)
     print(f"Wrote {len(images)} samples (checkpoint step {step}) to {output}")
-    if _GRID.value:
+    if _GRID.value and images.shape[-1] in (1, 3):
       rows = int(np.ceil(np.sqrt(len(images))))
       png = io.save_png(os.path.splitext(output)[0] + ".png", io.grid(images, rows),
                         upscale=max(1, 64 // images.shape[1]))

@@ -13,6 +13,8 @@ i-th example of that split in the original array.
 
   sklearn_digits: k = 6 -> 1,501 train / 296 test, 8x8x1.
   mnist5k:        k = 10 -> 4,500 train / 500 test (450 / 50 per class), 28x28x1.
+  ring8:          k = 5 -> 8,000 train / 2,000 test: 2-D points (float32 "images" of
+                  shape 1x1x2), the ring of 8 Gaussians of the GAN literature.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class _ArrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   IMAGE_SHAPE: tuple[int, int, int]
+  IMAGE_DTYPE = np.uint8
+  NUM_CLASSES = 10
   TEST_EVERY: int
   DESCRIPTION: str
   # No checksums file to look up. Also avoids TFDS's `code_path`, which needs
@@ -49,7 +53,7 @@ class _ArrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   code_path = None
 
   def _load(self) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (images uint8 [N,H,W,C], labels int64 [N])."""
+    """Returns (images IMAGE_DTYPE [N,H,W,C], labels int64 [N])."""
     raise NotImplementedError
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -59,8 +63,8 @@ class _ArrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         builder=self,
         description=self.DESCRIPTION,
         features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=self.IMAGE_SHAPE, dtype=np.uint8),
-            "label": tfds.features.ClassLabel(num_classes=10),
+            "image": tfds.features.Tensor(shape=self.IMAGE_SHAPE, dtype=self.IMAGE_DTYPE),
+            "label": tfds.features.ClassLabel(num_classes=self.NUM_CLASSES),
         }),
         supervised_keys=("image", "label"),
         # Keep the original order: keys are original indices, written sorted.
@@ -121,7 +125,42 @@ class Mnist5k(_ArrayBuilder):
     return images, y.astype(np.int64)
 
 
-EMBEDDED.update({SklearnDigits.name: SklearnDigits, Mnist5k.name: Mnist5k})
+class Ring8(_ArrayBuilder):
+  """Eight 2-D Gaussians on a circle (the GAN mode-coverage benchmark of Metz et al.
+  2017, Srivastava et al. 2017): mode k at RING8_RADIUS·(cos 2πk/8, sin 2πk/8), std
+  RING8_STD, 1,250 points each drawn by numpy's default_rng(0); label = mode. Points are
+  stored as float32 "images" [1, 1, 2] and reach the model unscaled."""
+
+  name = "ring8"
+  IMAGE_SHAPE = (1, 1, 2)
+  IMAGE_DTYPE = np.float32
+  NUM_CLASSES = 8
+  TEST_EVERY = 5
+  DESCRIPTION = ("10,000 2-D points from 8 Gaussians (std 0.02) on a circle of radius 2, "
+                 "label = mode. Test = every 5th point of each mode.")
+
+  def _load(self):
+    return ring8_points(1250, np.random.default_rng(0))
+
+
+RING8_RADIUS, RING8_STD = 2.0, 0.02
+
+
+def ring8_centers() -> np.ndarray:
+  """The 8 mode centres [8, 2]."""
+  angle = 2 * np.pi * np.arange(8) / 8
+  return RING8_RADIUS * np.stack([np.cos(angle), np.sin(angle)], axis=1)
+
+
+def ring8_points(per_mode: int, rng: np.random.Generator):
+  """(points float32 [8·per_mode, 1, 1, 2], labels int64): per_mode points of each mode,
+  modes interleaved (point i is of mode i % 8)."""
+  labels = np.tile(np.arange(8), per_mode)
+  points = ring8_centers()[labels] + RING8_STD * rng.standard_normal((len(labels), 2))
+  return points.astype(np.float32).reshape(-1, 1, 1, 2), labels.astype(np.int64)
+
+
+EMBEDDED.update({SklearnDigits.name: SklearnDigits, Mnist5k.name: Mnist5k, Ring8.name: Ring8})
 
 
 def prepare(name: str, data_dir: str | os.PathLike | None = None):

@@ -161,7 +161,7 @@ def get_source(
 
   Returns:
     (source, info): `source[i]` is a dict of numpy arrays with at least
-    "image" (uint8 [H,W,C]).
+    "image" (uint8 [H,W,C], or float32 values).
   """
   data_dir = None if data_dir is None else os.fspath(data_dir)
   builder = _open_builder(name, data_dir)
@@ -169,8 +169,13 @@ def get_source(
   if "image" not in features:
     raise ValueError(f"Dataset {name!r} has no 'image' feature.")
   height, width, channels = features["image"].shape
-  if features["image"].np_dtype != np.uint8:
-    raise ValueError(f"Dataset {name!r} images are not uint8.")
+  dtype = features["image"].np_dtype
+  if dtype not in (np.uint8, np.float32):
+    raise ValueError(f"Dataset {name!r}: 'image' is {np.dtype(dtype).name}; expected uint8 "
+                     "images or float32 values (used as they are)")
+  if dtype == np.float32 and image_size:
+    raise ValueError(f"Dataset {name!r} holds float32 values, not images: "
+                     f"config.data.image_size={image_size} cannot resize them; set it to 0")
   if image_size:
     height = width = image_size
   elif height is None or width is None:
@@ -205,7 +210,10 @@ def _center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def to_model_image(image: np.ndarray, image_size: int | None) -> np.ndarray:
-  """uint8 [H,W,C] -> float32 [H',W',C] in [-1, 1], resized if image_size."""
+  """uint8 [H,W,C] -> float32 [H',W',C] in [-1, 1], resized if image_size. float32
+  data (e.g. ring8's 2-D points) passes through unchanged."""
+  if image.dtype == np.float32:
+    return image
   if image_size:
     image = _center_crop_resize(image, image_size)
   return image.astype(np.float32) / 127.5 - 1.0

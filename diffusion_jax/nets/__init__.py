@@ -2,6 +2,7 @@
 import jax.numpy as jnp
 
 from diffusion_jax.nets import dit
+from diffusion_jax.nets import gan  # noqa: F401  (nets.gan)
 from diffusion_jax.nets.classifier import Classifier
 from diffusion_jax.nets.unet import UNet
 

@@ -114,7 +114,8 @@ def _train(config, workdir, devices, preemption):
   step_fn = jax.jit(task.train_step(config, info), in_shardings=(shardings, batch_sh, repl),
                     out_shardings=(shardings, repl), donate_argnums=(0,))
   sampler = grid = None
-  if hasattr(task, "sample") and config.sample.per_class:  # tasks that generate get grids
+  # Tasks that generate get grids, of images (1 or 3 channels; not ring8's 2-D points).
+  if hasattr(task, "sample") and config.sample.per_class and info.image_shape[-1] in (1, 3):
     sampler = generate.compile_sampler(task.sample(config, info))
     grid = task.grid_conditioning(config, info)
   # Built before the first step, so a bad config.eval fails now, not after hours.

@@ -1,7 +1,7 @@
 """Tasks: one module per model family (see diffusion.py for the interface)."""
-from diffusion_jax.training.tasks import classifier, clip, diffusion
+from diffusion_jax.training.tasks import classifier, clip, diffusion, gan
 
-TASKS = {"diffusion": diffusion, "classifier": classifier, "clip": clip}
+TASKS = {"diffusion": diffusion, "classifier": classifier, "clip": clip, "gan": gan}
 
 
 def get(name: str):

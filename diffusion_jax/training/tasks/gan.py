@@ -1,0 +1,275 @@
+"""The GAN task: a generator and a discriminator trained as a two-player game.
+
+One compiled step does `config.gan.d_steps` = k discriminator updates, then one
+generator update (Goodfellow et al. 2014, Algorithm 1), with the loss of
+`config.gan.loss` (`losses/gan.py`) and optional WGAN-GP / R1 penalties.
+
+State: the one `TrainState` pytree of every task, laid out for two players:
+
+    params     {"generator": G's variables, "discriminator": D's variables}
+    ema_params {"generator": EMA of G's "params", with G's current "batch_stats"}
+    opt_state  {"generator": optax state of G, "discriminator": optax state of D}
+
+where a network's *variables* are its flax collections ({"params"} and, with
+BatchNorm, {"batch_stats"}); only "params" are optimised. Sampling takes either tree
+(`sample_fn(state.ema_params | state.params, ...)` reads ["generator"]), so the loop,
+checkpoints, sharding and `diffusion-jax-sample` treat a GAN like any other run.
+
+Batches and randomness: the global batch of B real examples is split into k
+interleaved slices (example j goes to discriminator update j mod k, so every device
+keeps its own examples); update i draws z_j = N(fold_in(key_j, i)) for its slice; the
+generator update draws B fresh z_j = N(fold_in(key_j, k)) with the batch's labels.
+key_j = fold_in(step key, global index j), so 1 device, 8 devices and several hosts
+compute the same step. BatchNorm normalises over the global batch under jit (XLA
+reduces across devices), so its statistics are the global batch's at any device
+count. The discriminator sees real and generated batches in separate calls (separate
+batch statistics, as DCGAN's reference code does); G's running statistics are updated
+by the generator update only.
+
+Conditional GANs (`model.class_conditional`): the generator gets the labels of the
+real examples (conditional BatchNorm / embedding); the discriminator the same labels
+(projection).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from diffusion_jax.losses import gan as gan_losses
+from diffusion_jax.nets import gan as gan_nets
+from diffusion_jax.training import optim, step as step_lib
+from diffusion_jax.training.state import TrainState, ema_update
+from diffusion_jax.training.tasks.diffusion import class_grid_labels, num_classes
+
+_Z, _EPS, _NOISE = 0, 1, 2  # fold-in constants: latent z, GP interpolation ε, G's noise
+
+
+def networks(config, info):
+  """(generator, discriminator) for the dataset's image shape (nets/gan.py)."""
+  shape = tuple(info.image_shape)
+  return (gan_nets.build_generator(config, shape, info.num_classes),
+          gan_nets.build_discriminator(config, shape, info.num_classes))
+
+
+def optimizers(config):
+  """((tx_g, schedule_g), (tx_d, schedule_d)): config.optim for both, the
+  discriminator's learning rate gan.d_lr when set (two time-scale updates), its
+  schedule over its num_steps × d_steps updates."""
+  num_steps = config.train.num_steps
+  d_cfg = config.optim.copy_and_resolve_references()
+  if config.gan.d_lr is not None:
+    d_cfg.lr = config.gan.d_lr
+  return (optim.make(config.optim, num_steps),
+          optim.make(d_cfg, num_steps * config.gan.d_steps))
+
+
+def latents(config, keys, salt: int):
+  """z_i ~ N(0, I) [N, latent_dim] from fold_in(keys[i], salt)."""
+  return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, salt),
+                                              (config.gan.latent_dim,)))(keys)
+
+
+def _noise_keys(keys, salt: int):
+  return jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, _NOISE), salt))(keys)
+
+
+def init(config, key, info) -> TrainState:
+  g, d = networks(config, info)
+  kg, kd = jax.random.split(key)
+  labels = jnp.zeros((1,), jnp.int32)
+  z = jnp.zeros((1, config.gan.latent_dim), jnp.float32)
+  g_vars = g.init(kg, z, labels, keys=jax.random.split(kg, 1), train=False)
+  d_vars = d.init(kd, jnp.zeros((1,) + tuple(info.image_shape), jnp.float32), labels,
+                  train=False)
+  (tx_g, _), (tx_d, _) = optimizers(config)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params={"generator": dict(g_vars), "discriminator": dict(d_vars)},
+      ema_params={"generator": jax.tree.map(jnp.copy, dict(g_vars))},
+      opt_state={"generator": tx_g.init(g_vars["params"]),
+                 "discriminator": tx_d.init(d_vars["params"])})
+
+
+def _apply_train(net, variables, params, *args, **kw):
+  """net in training mode with `params` → (output, variables with updated stats)."""
+  out, updates = net.apply(dict(variables, params=params), *args, train=True,
+                           mutable=["batch_stats"], **kw)
+  return out, dict(variables, params=params, **updates)
+
+
+def _interleaved(x, k: int, i: int):
+  """Examples j ≡ i (mod k) of x [B, ...] → [B/k, ...]."""
+  return x.reshape((x.shape[0] // k, k) + x.shape[1:])[:, i]
+
+
+def train_step(config, info):
+  """step(state, batch, key, axis_name=None) -> (state, metrics). batch: "image"
+  [B,H,W,C], "label" [B]; B must divide by gan.d_steps × devices. Metrics: d_loss,
+  g_loss (each with its penalties), loss = d_loss + g_loss, d_real / d_fake (mean
+  D(x) = σ(l(x)) on real and generated data of the last discriminator update; for
+  wgan the mean logit), gp, r1, grad norms, lr, nonfinite."""
+  g_net, d_net = networks(config, info)
+  (tx_g, sched_g), (tx_d, _) = optimizers(config)
+  gc, k = config.gan, config.gan.d_steps
+  kind = gc.loss
+  prob = (lambda l: jnp.mean(l)) if kind == "wgan" else (lambda l: jnp.mean(jax.nn.sigmoid(l)))
+
+  def generate(g_vars, g_params, keys, labels, salt):
+    z = latents(config, keys, salt)
+    return _apply_train(g_net, g_vars, g_params, z, labels, keys=_noise_keys(keys, salt))
+
+  def d_loss_fn(d_params, d_vars, g_vars, real, labels, keys, i):
+    fake, _ = generate(g_vars, g_vars["params"], keys, labels, i)  # G's stats: unchanged
+    fake = jax.lax.stop_gradient(fake)
+    real_logits, d_vars = _apply_train(d_net, d_vars, d_params, real, labels)
+    fake_logits, d_vars = _apply_train(d_net, d_vars, d_params, fake, labels)
+    loss = gan_losses.discriminator_loss(kind, real_logits, fake_logits)
+    logits = lambda x: d_net.apply(dict(d_vars, params=d_params), x, labels, train=True)
+    gp = r1 = jnp.zeros(())
+    if gc.gp_weight:
+      eps = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, _EPS + i)))(keys)
+      gp = gan_losses.gradient_penalty(logits, real, fake, eps)
+    if gc.r1_weight:
+      r1 = gan_losses.r1_penalty(logits, real)
+    loss = loss + gc.gp_weight * gp + 0.5 * gc.r1_weight * r1
+    return loss, (d_vars, dict(d_real=prob(real_logits), d_fake=prob(fake_logits), gp=gp, r1=r1))
+
+  def g_loss_fn(g_params, g_vars, d_vars, labels, keys):
+    fake, g_vars = generate(g_vars, g_params, keys, labels, k)
+    # D in training mode (batch statistics of this batch, as in the D updates); its
+    # running statistics are not updated by the generator's pass.
+    logits, _ = _apply_train(d_net, d_vars, d_vars["params"], fake, labels)
+    return gan_losses.generator_loss(kind, logits), g_vars
+
+  def mean(tree, axis_name):
+    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+  def step(state, batch, key, axis_name=None):
+    if axis_name is not None and any("batch_stats" in v for v in state.params.values()):
+      raise ValueError("the gan task with BatchNorm runs under jit (global-batch "
+                       "statistics); under pmap each device would normalise by its own "
+                       "slice. Use the jit path, or config.gan.d_norm / generator without it")
+    real, labels = batch["image"], batch["label"].astype(jnp.int32)
+    b = real.shape[0]
+    if b % k:
+      raise ValueError(f"the per-device batch {b} must divide by config.gan.d_steps={k}")
+    keys = step_lib.example_keys(key, b, axis_name)
+    g_vars, d_vars = state.params["generator"], state.params["discriminator"]
+    d_opt = state.opt_state["discriminator"]
+    finite = jnp.array(True)
+    for i in range(k):  # k is static: unrolled
+      (d_loss, (new_d_vars, d_metrics)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
+          d_vars["params"], d_vars, g_vars, _interleaved(real, k, i),
+          _interleaved(labels, k, i), _interleaved(keys, k, i), i)
+      d_loss, d_metrics, d_grads = mean((d_loss, d_metrics, d_grads), axis_name)
+      updates, d_opt = tx_d.update(d_grads, d_opt, d_vars["params"])
+      d_vars = dict(new_d_vars, params=optax.apply_updates(d_vars["params"], updates))
+      finite &= _all_finite(d_loss, d_grads)
+    (g_loss, new_g_vars), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(
+        g_vars["params"], g_vars, d_vars, labels, keys)
+    g_loss, g_grads = mean((g_loss, g_grads), axis_name)
+    updates, g_opt = tx_g.update(g_grads, state.opt_state["generator"], g_vars["params"])
+    g_vars = dict(new_g_vars, params=optax.apply_updates(g_vars["params"], updates))
+    finite &= _all_finite(g_loss, g_grads)
+    ema_g = dict(g_vars, params=ema_update(state.ema_params["generator"]["params"],
+                                           g_vars["params"], config.train.ema_decay,
+                                           state.step))
+    new = (dict(generator=g_vars, discriminator=d_vars), dict(generator=ema_g),
+           dict(generator=g_opt, discriminator=d_opt))
+    old = (state.params, state.ema_params, state.opt_state)
+    # A non-finite loss or gradient anywhere in the step: keep the old state (the
+    # generic step's rule), in one conditional.
+    params, ema, opt_state = jax.lax.cond(finite, lambda: new, lambda: old)
+    metrics = dict(d_metrics, d_loss=d_loss, g_loss=g_loss, loss=d_loss + g_loss,
+                   grad_norm_d=optax.tree.norm(d_grads), grad_norm_g=optax.tree.norm(g_grads),
+                   lr=sched_g(state.step), nonfinite=1 - finite.astype(jnp.int32))
+    return state.replace(step=state.step + 1, params=params, ema_params=ema,
+                         opt_state=opt_state), metrics
+
+  return step
+
+
+def _all_finite(loss, grads):
+  return jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g))
+                                                 for g in jax.tree.leaves(grads)]))
+
+
+def generator_fn(config, info):
+  """G(tree, z [N, latent_dim], labels [N], keys [N] | None) -> x [N,H,W,C] in
+  inference mode (running BatchNorm statistics); tree: state.params or
+  state.ema_params. keys give StyleGAN's per-example noise (None: no noise)."""
+  g_net, _ = networks(config, info)
+
+  def g(tree, z, labels, keys=None):
+    return g_net.apply(tree["generator"], z, labels, keys=keys, train=False)
+  return g
+
+
+def sample(config, info, *, sampler: str | None = None, num_steps: int | None = None,
+           guidance: float | None = None, strength: float = 1.0, classifier=None):
+  """sample_fn(tree, cond, keys [N]) -> (x [N,H,W,C], 1): one generator pass with
+  z_i = N(fold_in(keys[i], 0)) and labels cond["label"]. A GAN has no sampler, steps,
+  guidance, SDEdit strength or classifier guidance: asking for any of them (a value
+  other than config.sample's, which evaluation passes through) is an error."""
+  s = config.sample
+  asked = {"sampler": sampler not in (None, s.sampler),
+           "steps": num_steps not in (None, s.num_steps),
+           "guidance": guidance not in (None, s.guidance), "strength": strength != 1.0,
+           "classifier guidance": classifier is not None}
+  asked = [name for name, on in asked.items() if on]
+  if asked:
+    raise ValueError(f"a config.task='gan' run generates in one pass: {', '.join(asked)} "
+                     "do not apply")
+  g = generator_fn(config, info)
+
+  def sample_fn(tree, cond, keys):
+    return g(tree, latents(config, keys, _Z), cond["label"], _noise_keys(keys, _Z)), 1
+  return sample_fn
+
+
+def conditioning(config, info, labels, prompts=None) -> dict:
+  if prompts is not None:
+    raise ValueError("a config.task='gan' run takes no prompts")
+  return {"label": np.asarray(labels, np.int32)}
+
+
+def grid_conditioning(config, info):
+  """(cond, rows): one row of sample.per_class per class (8 × 8 unconditional)."""
+  ncls = num_classes(config, info)
+  return {"label": class_grid_labels(ncls, config.sample.per_class)}, (ncls or 8)
+
+
+def slerp(z0, z1, s):
+  """Spherical interpolation of z0, z1 [..., D] at s ∈ [0, 1] (Shoemake 1985; White
+  2016 for GAN latents): sin((1−s)Ω)/sin Ω · z0 + sin(sΩ)/sin Ω · z1, Ω the angle
+  between them (linear where they are parallel)."""
+  n0, n1 = jnp.linalg.norm(z0, axis=-1, keepdims=True), jnp.linalg.norm(z1, axis=-1, keepdims=True)
+  cos = jnp.clip(jnp.sum(z0 * z1, -1, keepdims=True) / (n0 * n1), -1.0, 1.0)
+  omega = jnp.arccos(cos)
+  so = jnp.sin(omega)
+  safe = so > 1e-6
+  w0 = jnp.where(safe, jnp.sin((1 - s) * omega) / jnp.where(safe, so, 1.0), 1 - s)
+  w1 = jnp.where(safe, jnp.sin(s * omega) / jnp.where(safe, so, 1.0), s)
+  return w0 * z0 + w1 * z1
+
+
+def interpolate(config, info, tree, key, labels, num_points: int, method: str = "linear"):
+  """Latent interpolation strips: for each label (row r), z0 = N(fold_in(key, 2r)) and
+  z1 = N(fold_in(key, 2r + 1)), the generator at num_points evenly spaced points from z0
+  to z1 ("linear": (1 − s)z0 + s·z1, as in the notes; "slerp") → x [R, num_points,
+  H, W, C] (no noise injection)."""
+  if method not in ("linear", "slerp"):
+    raise ValueError(f"interpolation {method!r}: expected linear | slerp")
+  labels = jnp.asarray(labels, jnp.int32)
+  rows = labels.shape[0]
+  idx = jnp.arange(2 * rows)
+  z = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i),
+                                           (config.gan.latent_dim,)))(idx)
+  z0, z1 = z[0::2, None], z[1::2, None]
+  s = jnp.linspace(0.0, 1.0, num_points)[None, :, None]
+  zs = (1 - s) * z0 + s * z1 if method == "linear" else slerp(z0, z1, s)
+  g = generator_fn(config, info)
+  x = g(tree, zs.reshape(rows * num_points, -1), jnp.repeat(labels, num_points))
+  return x.reshape((rows, num_points) + x.shape[1:])
