@@ -181,12 +181,13 @@ def base() -> ml_collections.ConfigDict:
   # training loop). Sample metrics need a feature network: a classifier run.
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 0                        # steps between evaluations in the loop; 0 = never
-  c.eval.metrics = ("fd", "kid", "pr", "acc")  # fd | kid | pr | acc | is | bpd_vlb | bpd_ode
+  c.eval.metrics = ("fd", "kid", "pr", "acc")  # fd | kid | pr | acc | is | clip_score | bpd_vlb | bpd_ode
   c.eval.num_samples = 1000
   c.eval.batch_size = 256                 # global generation batch
   c.eval.seed = 0                         # sample i uses fold_in(key(seed), i)
   c.eval.feature_workdir = config_dict.placeholder(str)  # classifier run (domain features)
   c.eval.inception_weights = config_dict.placeholder(str)  # FID Inception-v3 .pth / .npz
+  c.eval.clip_workdir = config_dict.placeholder(str)  # clip run for clip_score (None: text.clip_workdir)
   c.eval.ref_stats_dir = config_dict.placeholder(str)  # Inception ref stats (None: <workdir>/eval/ref_stats)
   c.eval.reference_split = "test"
   c.eval.floor_split = "train"

@@ -7,11 +7,13 @@ r"""Evaluate a trained run: sample-quality metrics in a feature network's space.
   diffusion-jax-evaluate --workdir=/tmp/run --inception_weights=fid_inception.npz \
       --metrics=fd,kid,pr,is                           # FID: fd_inception
   diffusion-jax-evaluate --workdir=/tmp/run --metrics=bpd_vlb,bpd_ode [--likelihood_images=1000]
+  diffusion-jax-evaluate --workdir=/tmp/t2i --clip_workdir=/tmp/clip --metrics=clip_score
 
 Feature networks: a run of the classifier task on clean images
 (configs/digits_classifier.py --config.classifier.noise_conditional=False), numbers
 labelled `*_domain`; the FID Inception-v3 from pytorch-fid's weight file, labelled
-`*_inception`. Each comes with its data floor (train vs reference split).
+`*_inception`; a clip run's image encoder for clip_score (and `*_clip` distances). Each
+comes with its data floor (train vs reference split; clip_score_real for clip_score).
 Writes <workdir>/eval/<step>.json, eval/metrics.jsonl and TensorBoard scalars; an
 interrupted evaluation resumes where it stopped. See docs/evaluation.md.
 """
@@ -33,6 +35,8 @@ _REF_STATS = flags.DEFINE_string("ref_stats_dir", None, "Where Inception referen
                                  "are cached (default: <workdir>/eval/ref_stats).")
 # Every flag left unset takes the run's config.eval value (sampler, steps, guidance:
 # config.sample), so a bare command evaluates the run as its config says.
+_CLIP = flags.DEFINE_string("clip_workdir", None, "A clip run for clip_score (default: "
+                            "config.eval.clip_workdir, else the model's text.clip_workdir).")
 _METRICS = flags.DEFINE_list("metrics", None, f"Some of {list(eval_run.METRICS)}.")
 _NUM = flags.DEFINE_integer("num_samples", None, "Generated samples N.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global generation batch.")
@@ -58,7 +62,8 @@ def main(argv):
   try:
     results = eval_run.evaluate(
         _WORKDIR.value, _FEATURES.value, inception_weights=_INCEPTION.value,
-        ref_stats_dir=_REF_STATS.value, metrics=_METRICS.value, num_samples=_NUM.value,
+        ref_stats_dir=_REF_STATS.value, clip_workdir=_CLIP.value, metrics=_METRICS.value,
+        num_samples=_NUM.value,
         batch_size=_BATCH.value, seed=_SEED.value, sampler=_SAMPLER.value,
         num_steps=_STEPS.value, guidance=_GUIDANCE.value, step=_STEP.value,
         reference_split=_REF.value, floor_split=_FLOOR.value, data_dir=_DATA_DIR.value,

@@ -33,11 +33,12 @@ from absl import logging
 from diffusion_jax import data, parallel, samplers, writers
 from diffusion_jax.diffusion import likelihood, paths, predictions
 from diffusion_jax.evaluation import metrics as metrics_lib
-from diffusion_jax.nets import inception
+from diffusion_jax.data import text as text_lib
+from diffusion_jax.nets import clip as clip_net, inception
 from diffusion_jax.training import generate, tasks
 
-METRICS = ("fd", "kid", "pr", "acc", "is", "bpd_vlb", "bpd_ode")
-_SAMPLE_METRICS = ("fd", "kid", "pr", "acc", "is")
+METRICS = ("fd", "kid", "pr", "acc", "is", "clip_score", "bpd_vlb", "bpd_ode")
+_SAMPLE_METRICS = ("fd", "kid", "pr", "acc", "is", "clip_score")
 
 
 def feature_network(feature_workdir: str, mesh):
@@ -55,6 +56,7 @@ class FeatureNet(NamedTuple):
   params: Any
   stats_dir: str        # where reference statistics of real splits are cached
   source: str           # the classifier run or weight file it came from
+  text_fn: Callable | None = None  # clip: captions [N] -> L2-normalised embeddings [N, D]
 
 
 def _inception_features(variables, images):
@@ -66,13 +68,37 @@ def _inception_features(variables, images):
   return logits, pool
 
 
+def _clip_image_features(clip_config):
+  def fn(params, images):
+    emb = clip_net.encode_image(clip_config, params, images)
+    return jnp.zeros((images.shape[0], 1), jnp.float32), emb
+  return fn
+
+
 def feature_networks(info, workdir, mesh, *, feature_workdir=None, inception_weights=None,
-                     ref_stats_dir=None) -> dict[str, FeatureNet]:
+                     ref_stats_dir=None, clip_workdir=None) -> dict[str, FeatureNet]:
   """The feature networks the sample metrics are computed in, by label: 'domain' (a
-  classifier run; reference stats in `<feature_workdir>/ref_stats/`) and 'inception'
+  classifier run; reference stats in `<feature_workdir>/ref_stats/`), 'inception'
   (the FID Inception-v3 from a pytorch-fid `.pth` or converted `.npz`; reference stats
-  in `ref_stats_dir`, default `<workdir>/eval/ref_stats/`)."""
+  in `ref_stats_dir`, default `<workdir>/eval/ref_stats/`) and 'clip' (a clip run's
+  L2-normalised image embeddings, for clip_score and fd_clip; reference stats in
+  `<clip_workdir>/ref_stats/`)."""
   nets = {}
+  if clip_workdir:
+    clip_config, c_info, c_state, _, _ = generate.load_run(clip_workdir, mesh=mesh)
+    if clip_config.task != "clip":
+      raise ValueError(f"--clip_workdir={clip_workdir} is a {clip_config.task!r} run, not a "
+                       "run of the 'clip' task")
+    if tuple(c_info.image_shape) != tuple(info.image_shape):
+      raise ValueError(f"the clip run {clip_workdir} takes {tuple(c_info.image_shape)} "
+                       f"images; the model makes {tuple(info.image_shape)}")
+    text_params = jax.device_get(c_state.ema_params)
+    encode = jax.jit(lambda p, t: clip_net.encode_text(clip_config, p, t)[2])
+    text_fn = lambda captions: np.asarray(encode(text_params, text_lib.encode(
+        captions, clip_config.text.max_length)), np.float64)
+    nets["clip"] = FeatureNet(_clip_image_features(clip_config), c_state.ema_params,
+                              os.path.join(clip_workdir, "ref_stats"),
+                              os.path.abspath(clip_workdir), text_fn)
   if feature_workdir:
     fn, params, f_info, _ = feature_network(feature_workdir, mesh)
     if tuple(f_info.image_shape) != tuple(info.image_shape):
@@ -208,7 +234,7 @@ def evaluate(workdir: str, feature_workdir: str | None = None, *, step=None,
 def make_evaluator(config, info, workdir: str, mesh, *, metrics=None, num_samples=None,
                    batch_size=None, seed=None, sampler=None, num_steps=None, guidance=None,
                    feature_workdir=None, inception_weights=None, ref_stats_dir=None,
-                   reference_split=None, floor_split=None, data_dir=None,
+                   clip_workdir=None, reference_split=None, floor_split=None, data_dir=None,
                    likelihood_images=None, likelihood_steps=None, use_ema: bool = True):
   """evaluate(step, params, *, max_batches=None, extra=None) -> results | None for a run
   of `config` writing to `<workdir>/eval/`. Every setting left None comes from
@@ -220,6 +246,10 @@ def make_evaluator(config, info, workdir: str, mesh, *, metrics=None, num_sample
   Sample metrics (fd, kid, pr, acc, is) need a feature network: `feature_workdir` (a
   classifier run: `*_domain` numbers) and/or `inception_weights` (FID Inception-v3:
   `*_inception`, so fd_inception is FID); samples are labelled 0..C−1 cycled.
+  clip_score: 100 · E max(cos(image embedding, caption embedding), 0) under a clip run
+  (`clip_workdir`, default config.eval.clip_workdir, else the model's own
+  config.text.clip_workdir), sample i captioned by its label (the digit caption,
+  template 0), beside `clip_score_real` of the reference split's real images.
   bpd_vlb, bpd_ode: bits/dim of the first `likelihood_images` images of the reference
   split (`bits_per_dim`).
   """
@@ -245,10 +275,16 @@ def make_evaluator(config, info, workdir: str, mesh, *, metrics=None, num_sample
   ds = dict(data_dir=data_dir or config.data.data_dir, image_size=config.data.image_size or None)
   sample_metrics = None
   if any(m in _SAMPLE_METRICS for m in metrics):
+    clip_workdir = pick(clip_workdir, e.clip_workdir or (
+        config.text.clip_workdir if config.text.encoder == "clip" else None))
+    if "clip_score" in metrics and not clip_workdir:
+      raise ValueError("metric clip_score needs a clip run: --clip_workdir "
+                       "(config.eval.clip_workdir)")
     nets = feature_networks(info, workdir, mesh,
                             feature_workdir=pick(feature_workdir, e.feature_workdir),
                             inception_weights=pick(inception_weights, e.inception_weights),
-                            ref_stats_dir=pick(ref_stats_dir, e.ref_stats_dir))
+                            ref_stats_dir=pick(ref_stats_dir, e.ref_stats_dir),
+                            clip_workdir=clip_workdir if "clip_score" in metrics else None)
     if not nets:
       raise ValueError(f"metrics {[m for m in metrics if m in _SAMPLE_METRICS]} need a "
                        "feature network: --feature_workdir (config.eval.feature_workdir, a "
@@ -358,11 +394,29 @@ def _sample_metrics_fn(config, info, task, workdir, nets, s, ds, mesh):
       logits = np.concatenate(acc[f"{name}_logits"])
       results.update(_metrics_of(name, feats, logits, labels_all, ncls, metrics,
                                  lambda split: ref(name, split), s))
+      if net.text_fn is not None:
+        results.update(_clip_scores(net, feats, labels_all, ncls, ref, s, config, ds))
     if jax.process_index() == 0 and os.path.exists(partial):
       os.remove(partial)
     return results
 
   return sample_metrics
+
+
+def _clip_scores(net, feats, labels, ncls, ref, s, config, ds) -> dict:
+  """clip_score of samples (feats: their clip image embeddings [N, D], captioned by
+  their labels) and clip_score_real of the reference split's real images."""
+  if not ncls or config.data.name not in data.builders.EMBEDDED or config.data.name == "ring8":
+    raise ValueError("clip_score captions samples by their labels (the embedded digit "
+                     f"datasets' captions): config.data.name={config.data.name!r}"
+                     f"{' is unconditional' if not ncls else ''} has none")
+  text = net.text_fn([text_lib.digit_caption(c, 0) for c in range(ncls)])  # [C, D]
+  score = lambda f, y: float(100 * np.mean(np.maximum(np.sum(f * text[y], axis=1), 0.0)))
+  real = ref("clip", s["reference_split"])["features"]
+  real_labels = data.load_arrays(config.data.name, s["reference_split"], ds["data_dir"],
+                                 image_size=ds["image_size"])[1]
+  return {"clip_score": score(feats, labels),
+          "clip_score_real": score(np.asarray(real, np.float64), real_labels)}
 
 
 def _metrics_of(name, feats, logits, labels, ncls, metrics, ref, s) -> dict:
@@ -390,7 +444,7 @@ def _metrics_of(name, feats, logits, labels, ncls, metrics, ref, s) -> dict:
   if "pr" in metrics:
     out[f"precision_{name}"], out[f"recall_{name}"] = metrics_lib.precision_recall(
         reference["features"], feats)
-  if "is" in metrics:
+  if "is" in metrics and name != "clip":  # the clip net has no class logits
     out[f"is_{name}"], out[f"is_{name}_std"] = metrics_lib.inception_score(logits)
   if "acc" in metrics and ncls and name == "domain":
     pred = np.argmax(logits, axis=1)

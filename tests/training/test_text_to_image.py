@@ -1,6 +1,7 @@
 """Text-to-image diffusion: a frozen clip run's text encoder (through the command line),
 precomputed embeddings from a TFDS dataset's feature (in process), caption dropout as
 the ∅ of classifier-free guidance."""
+import json
 import os
 
 import jax
@@ -71,6 +72,26 @@ def test_clip_conditioned_dit_through_the_command_line(clip_run, data_dir, tmp_p
   _, _, one = clip_net.encode_text(clip_config, clip_params, jnp.asarray(tokens[1:]))
   np.testing.assert_allclose(kw["text_pooled"][0], empty[0], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(kw["text_pooled"][1], one[0], rtol=1e-5, atol=1e-6)
+
+  # CLIP score through diffusion-jax-evaluate (the model's own clip run by default),
+  # recomputed here from the same samples and the test split: 100·E max(cos, 0).
+  proc = run_cli("evaluate", [f"--workdir={w}", "--metrics=clip_score", "--num_samples=20",
+                              "--batch_size=8"])
+  results = json.loads((w / "eval" / "6.json").read_text())
+  assert "clip_score" in proc.stdout
+  enc_img = jax.jit(lambda x: clip_net.encode_image(clip_config, clip_params, x))
+  captions = text_lib.encode([text_lib.digit_caption(c, 0) for c in range(10)],
+                             clip_config.text.max_length)
+  class_text = np.asarray(clip_net.encode_text(clip_config, clip_params, jnp.asarray(captions))[2])
+  score = lambda img, y: 100 * np.mean(np.maximum(np.sum(np.asarray(img) * class_text[y], 1), 0))
+  labels = np.arange(20) % 10
+  eval_fn = generate.compile_sampler(task.sample(config, info))
+  samples = generate.generate(eval_fn, state.ema_params, task.conditioning(config, info, labels),
+                              jax.random.key(0), mesh)
+  assert results["clip_score"] == pytest.approx(score(enc_img(samples), labels), rel=1e-4)
+  real, real_labels = data.load_arrays("sklearn_digits", "test", data_dir)
+  assert results["clip_score_real"] == pytest.approx(score(enc_img(real), real_labels), rel=1e-4)
+  assert results["clip_score_real"] > 10  # matching captions: clearly positive
 
 
 def test_text_config_errors_are_named(data_dir, tmp_path):
