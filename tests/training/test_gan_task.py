@@ -153,3 +153,71 @@ def test_ring8_covers_the_modes(data_dir, tmp_path):
   r = _ring8_coverage(tmp_path)
   print("\nring8:", json.dumps(r))
   assert r["modes"] >= 7 and r["high_quality"] > 0.5, r
+
+
+@pytest.mark.parametrize("variant", [
+    {"gan.generator": "stylegan", "gan.d_norm": "layer", "gan.loss": "hinge"},
+    {"gan.discriminator": "patchgan", "gan.patch_layers": 1, "gan.loss": "lsgan",
+     "model.class_conditional": False},
+    {"gan.generator": "mlp", "gan.discriminator": "mlp", "gan.d_norm": "none",
+     "gan.loss": "wgan", "gan.gp_weight": 10.0},
+    {"gan.d_norm": "none", "gan.loss": "minimax", "gan.r1_weight": 1.0, "gan.d_steps": 1},
+], ids=["stylegan-hinge", "patchgan-lsgan", "mlp-wgan_gp", "dcgan-minimax-r1"])
+def test_every_network_and_loss_trains_a_step(data_dir, variant):
+  """Each generator, discriminator, loss and penalty through the task's real step: finite
+  losses, both players updated, the penalties on (> 0) where configured."""
+  c = _tiny_gan(data_dir, **{"gan.style_dim": 16, "gan.mapping_depth": 2,
+                             "gan.mlp_width": 32, "gan.mlp_depth": 2, **variant})
+  info = loop.dataset_info(c)
+  state = jax.jit(lambda k: gan_task.init(c, k, info))(jax.random.key(0))
+  batch = next(data.make_train_iterator(c.data, seed=0))
+  new, m = jax.jit(gan_task.train_step(c, info))(state, batch, jax.random.key(1))
+  m = jax.device_get(m)
+  assert int(m["nonfinite"]) == 0 and all(np.isfinite(float(v)) for v in m.values()), m
+  for player in ("generator", "discriminator"):
+    before, after = (jax.device_get(s.params[player]["params"]) for s in (state, new))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
+                                                        jax.tree.leaves(after))), player
+  assert (float(m["gp"]) > 0) == bool(c.gan.gp_weight)
+  assert (float(m["r1"]) > 0) == bool(c.gan.r1_weight)
+  x, nfe = jax.jit(gan_task.sample(c, info))(new.ema_params, {"label": jnp.arange(4) % 10},
+                                             jax.random.split(jax.random.key(2), 4))
+  assert x.shape == (4,) + tuple(info.image_shape) and nfe == 1
+
+
+def test_config_errors_name_the_key(data_dir):
+  from diffusion_jax import config as config_lib
+  c = _tiny_gan(data_dir, **{"gan.r1_weight": 1.0})  # d_norm='batch'
+  with pytest.raises(ValueError, match="config.gan.d_norm='batch'"):
+    config_lib.validate(c)
+  c = _tiny_gan(data_dir, **{"gan.discriminator": "patchgan"})  # conditional
+  info = loop.dataset_info(c)
+  with pytest.raises(ValueError, match="config.gan.discriminator"):
+    jax.eval_shape(lambda k: gan_task.init(c, k, info), jax.random.key(0))
+
+
+def test_pmap_step_equals_jit_step_without_batchnorm(data_dir):
+  """The pmap path (8 devices, 2 examples each, gradients averaged by lax.pmean) gives
+  the jit step's update for BatchNorm-free networks (WGAN-GP, two critic updates); with
+  BatchNorm it is refused by name (per-device statistics would differ)."""
+  from diffusion_jax import parallel
+  c = _tiny_gan(data_dir, **{"gan.generator": "mlp", "gan.discriminator": "mlp",
+                             "gan.d_norm": "none", "gan.mlp_width": 16, "gan.mlp_depth": 1,
+                             "gan.loss": "wgan", "gan.gp_weight": 10.0,
+                             "optim.name": "sgd", "optim.lr": 0.1})
+  info = loop.dataset_info(c)
+  state = jax.device_get(jax.jit(lambda k: gan_task.init(c, k, info))(jax.random.key(0)))
+  batch = next(data.make_train_iterator(c.data, seed=0))
+  body, key = gan_task.train_step(c, info), jax.random.key(3)
+  want_state, want = jax.jit(body)(state, batch, key)
+  got_state, got = parallel.pmap_step(body)(parallel.replicate(state),
+                                            parallel.split_for_pmap(batch), key)
+  for k in ("d_loss", "g_loss", "gp"):
+    np.testing.assert_allclose(np.asarray(got[k]), np.full(8, want[k]), rtol=2e-5, atol=1e-6)
+  assert_trees_equal(jax.device_get(parallel.unreplicate(got_state)).params,
+                     jax.device_get(want_state.params), rtol=2e-5, atol=1e-6)
+  bn = _tiny_gan(data_dir)
+  bn_state = jax.device_get(jax.jit(lambda k: gan_task.init(bn, k, info))(jax.random.key(0)))
+  with pytest.raises(ValueError, match="pmap"):
+    parallel.pmap_step(gan_task.train_step(bn, info))(
+        parallel.replicate(bn_state), parallel.split_for_pmap(batch), key)
