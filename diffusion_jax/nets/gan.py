@@ -219,8 +219,9 @@ class DCGANGenerator(nn.Module):
         → (ConvT 4×4 /2 → BN → ReLU) × (n−1), halving the width to c
         → ConvT 4×4 /2 → C → tanh                       x [B, H, W, C] in [−1, 1]
 
-  n = upsampling_levels(image_shape), (s_h, s_w) = (H, W)/2^n, c = `channels`. BN is
-  ConditionalBatchNorm (per-class γ_y, β_y) when num_classes > 0."""
+  n = upsampling_levels(image_shape), (s_h, s_w) = (H, W)/2^n, c = `channels`. When
+  num_classes > 0 the label enters twice: a class embedding added to the projection
+  (= one_hot(y) concatenated to z) and ConditionalBatchNorm (per-class γ_y, β_y)."""
   image_shape: tuple[int, int, int]
   num_classes: int = 0
   channels: int = 64
@@ -246,6 +247,12 @@ class DCGANGenerator(nn.Module):
       return nn.relu(h).astype(self.dtype)
 
     h = nn.Dense(sh * sw * width, use_bias=False, name="project", **kw)(z.astype(self.dtype))
+    if self.num_classes:
+      # = Dense([z, one_hot(y)]) (Mirza & Osindero's conditional input). Conditional
+      # BatchNorm alone was not enough here: a 28×28 DCGAN has only two normalisations,
+      # and its samples ignored the label (domain accuracy 0.13 vs 0.67 with this term,
+      # mnist5k, 1,500 steps).
+      h = h + nn.Embed(self.num_classes, sh * sw * width, name="embed_y", **kw)(labels)
     h = bn_relu(h.reshape(z.shape[0], sh, sw, width), 0)
     for i in range(1, n):
       width //= 2

@@ -243,12 +243,12 @@ def _conditional_mnist5k_accuracy(data_dir, workdir, num_steps: int) -> dict:
 @pytest.mark.slow
 def test_conditional_mnist5k_gan_is_recognised(data_dir, tmp_path):
   """The issue's acceptance run: a class-conditional DCGAN on mnist5k trained through the
-  command line (1,500 steps) generates digits that the domain classifier (an MLP on
-  pixels, trained on the real train split) recognises as the requested class.
-  Measured with the class embedding at the generator's input: sample accuracy 0.667
-  (per class 0.48–0.84), classifier test accuracy 0.936."""
-  r = _conditional_mnist5k_accuracy(data_dir, tmp_path, 1500)
+  command line (the config's 3,000 steps, ~11 min here) generates digits that the domain
+  classifier (an MLP on pixels, trained on the real train split) recognises as the
+  requested class. Measured (2026-11-23): sample accuracy 0.948, per class 0.75–0.99,
+  classifier test accuracy 0.936 (docs/gan.md)."""
+  r = _conditional_mnist5k_accuracy(data_dir, tmp_path, 3000)
   print("\nmnist5k conditional GAN:", json.dumps(r))
-  assert r["checkpoint_step"] == 1500 and r["num_samples"] == 1000
+  assert r["checkpoint_step"] == 3000 and r["num_samples"] == 1000
   assert r["classifier_test_accuracy"] > 0.9, r
-  assert r["sample_accuracy"] > 0.5, r
+  assert r["sample_accuracy"] > 0.85 and min(r["per_class"]) > 0.5, r
