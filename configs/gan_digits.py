@@ -3,6 +3,9 @@ BatchNorm generator, projection discriminator, non-saturating loss, Adam(2e-4, Î
 as in Radford et al. 2016.
 
   diffusion-jax-train --config=configs/gan_digits.py --workdir=/tmp/gan_digits
+
+Measured 2026-11-23 (2-core CPU, â‰ˆ 2 min): launch/class_accuracy.py sample accuracy
+0.968 (the domain classifier's ceiling on real test digits: 0.990).
 """
 from diffusion_jax.config import base
 
