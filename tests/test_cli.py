@@ -57,6 +57,7 @@ def test_resume_is_exact(full_run, data_dir, tmp_path):
   assert losses == {m["step"]: m["loss"] for m in read_metrics(full_run)}
 
 
+@pytest.mark.slow  # ~20-50 s; the default set keeps test_resume_is_exact, SIGTERM, 8→1 sampling
 def test_kill_9_resumes_from_last_complete_checkpoint(full_run, data_dir, tmp_path):
   """kill -9 at a random moment of a run that checkpoints every step; the rerun
   resumes from the last complete checkpoint and ends bitwise equal."""
@@ -79,6 +80,7 @@ def test_kill_9_resumes_from_last_complete_checkpoint(full_run, data_dir, tmp_pa
   assert not [d for d in left if "tmp" in d], left
 
 
+@pytest.mark.slow  # ~20-50 s; the default set keeps test_resume_is_exact, SIGTERM, 8→1 sampling
 def test_saved_on_8_devices_resumes_on_1(full_run, data_dir, tmp_path):
   """Restore places the state on the current mesh: 4 steps on 8 devices then 4 on 1
   equals 8 steps on 1 device."""
@@ -214,6 +216,7 @@ def test_classifier_task_and_guidance_through_the_command_line(full_run, data_di
   assert proc.returncode != 0 and "not a 'classifier' run" in proc.stderr
 
 
+@pytest.mark.slow  # ~20-50 s; the default set keeps test_resume_is_exact, SIGTERM, 8→1 sampling
 def test_superres_cascade_through_the_command_line(data_dir, tmp_path):
   """A 4×4 → 8×8 super-resolution run trains (its grid conditions on training images)
   and samples from a low-res .npz (here, digits downsampled by the command itself)."""

@@ -112,7 +112,8 @@ def _load_config(path):
 # (The mnist5k ones share the quickstart's code paths; super-resolution also has its
 # own command-line test in tests/test_cli.py.)
 _SLOW_CONFIGS = {"cifar10_ddpm.py",      # 35.7M parameters: ~37 s
-                 "mnist5k_flow.py", "mnist5k_superres.py"}  # 3-level 32-ch U-Nets: ~20 s each
+                 "mnist5k_flow.py", "mnist5k_superres.py",  # 3-level 32-ch U-Nets: ~20 s each
+                 "gan_mnist5k.py", "gan_mnist5k_cond.py"}  # ~16 s each; gan_digits covers the code
 # digits_t2i.py needs a finished clip run (text.clip_workdir): tests/training/
 # test_text_to_image.py trains one and runs it through the command line.
 _OWN_TESTS = {"digits_t2i.py"}
