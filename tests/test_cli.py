@@ -198,6 +198,7 @@ def test_sdedit_and_inpainting_through_the_command_line(full_run, data_dir, tmp_
   assert proc.returncode != 0 and "need input images" in proc.stderr
 
 
+@pytest.mark.slow  # CI time (cold compile cache); other default tests hold this invariant
 def test_classifier_task_and_guidance_through_the_command_line(full_run, data_dir, tmp_path):
   """configs/digits_classifier.py trains (accuracy logged) and guides the flow model;
   a diffusion run is refused as a classifier, by name."""

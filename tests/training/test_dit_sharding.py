@@ -75,10 +75,12 @@ def test_dit_one_device_equals_data_parallel_equals_fsdp_rules(data_dir, tmp_pat
 # ---------------------------------------------------------------------------------
 # -m slow: DiT-XL/2 (675M parameters) under FSDP over the 8 virtual CPU devices.
 
-def _synthetic_run(variant: str, fsdp: int, optim: str = "sgd", steps: int = 1):
+def _synthetic_run(variant: str, fsdp: int, optim: str = "sgd", steps: int = 1,
+                   devices=None):
   """The diffusion task's real train step for DiT-`variant` (scanned, remat) on 8×8×4
   latent-shaped random data (patch 2: 16 tokens), batch 8 (one example per device),
   state sharded by parallel.state_shardings with DIT_RULES over mesh fsdp × data.
+  devices: the mesh's devices (default all 8).
   Returns (state after `steps` steps, the last step's metrics, timings)."""
   c = config_lib.base()
   c.model.name, c.model.variant = "dit", variant
@@ -89,7 +91,7 @@ def _synthetic_run(variant: str, fsdp: int, optim: str = "sgd", steps: int = 1):
   config_lib.validate(c)
   info = data.DatasetInfo(image_shape=(8, 8, 4), num_classes=10, num_examples=0)
   task = tasks.get("diffusion")
-  mesh = parallel.make_mesh(c.mesh)
+  mesh = parallel.make_mesh(c.mesh, devices)
   init_key, step_root, _ = loop.keys(c.seed)
   init = lambda k: task.init(c, k, info)
   abstract = jax.eval_shape(init, init_key)
@@ -153,6 +155,23 @@ def test_dit_xl_fsdp_each_device_holds_an_eighth():
   print("\nDiT-XL/2 fsdp=8:", report)
   assert np.isfinite(report["loss"]) and int(metrics["nonfinite"]) == 0
   assert np.isfinite(float(metrics["grad_norm"]))
+
+
+@pytest.mark.slow
+def test_dit_xl_fsdp_equals_one_device_two_steps():
+  """DiT-XL/2 with fsdp=8 over 8 devices gives the single-replica loss: the second
+  step's loss (the first is the same for any DiT) equals one device's, which holds the
+  whole state (≈ 7.5 GiB + temporaries; 8 data-parallel replicas would need ≈ 60 GiB).
+  The runs go one after the other, the first state freed."""
+  state, m_fs, t_fs = _synthetic_run("XL/2", fsdp=8, steps=2)
+  del state  # free 7.5 GiB before the one-device run
+  loss_fs = float(m_fs["loss"])
+  _, m_one, t_one = _synthetic_run("XL/2", fsdp=1, steps=2, devices=jax.devices()[:1])
+  print(f"\nDiT-XL/2 step 2: loss fsdp=8 {loss_fs:.7f}, 1 device {float(m_one['loss']):.7f}; "
+        f"step {t_fs['step_s']} vs {t_one['step_s']} s; peak RSS "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
+  assert float(m_one["loss"]) == pytest.approx(loss_fs, rel=1e-5)
+  assert float(m_one["grad_norm"]) == pytest.approx(float(m_fs["grad_norm"]), rel=1e-4)
 
 
 @pytest.mark.slow

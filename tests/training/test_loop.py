@@ -82,6 +82,7 @@ def test_on_nonfinite_stop_raises_and_keeps_checkpoints(data_dir, tmp_path):
   assert max(float(np.max(np.abs(x))) for x in jax.tree.leaves(params)) > 1e37  # step 1 applied
 
 
+@pytest.mark.slow  # CI time (cold compile cache); other default tests hold this invariant
 def test_fsdp_equals_data_parallel(data_dir, tmp_path):
   """mesh.fsdp=4 (parameters sharded 4 ways, batch over all 8 devices) gives the same
   parameters as pure data parallelism."""

@@ -104,6 +104,7 @@ def _restore_numpy(path):
   return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
+@pytest.mark.slow  # ~56 s: two jax.distributed processes over gloo
 def test_two_processes_equal_one_process(data_dir, tmp_path):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   port = _free_port()

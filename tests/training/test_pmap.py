@@ -81,6 +81,7 @@ def _assert_same(got, want):
                                  err_msg=f"{name}{jax.tree_util.keystr(path)}")
 
 
+@pytest.mark.slow  # CI time (cold compile cache); other default tests hold this invariant
 def test_pmap_equals_jit(setup, one_device):
   _, _, _, _, state, batches, step_keys, body = setup
   replicated = parallel.replicate(state)

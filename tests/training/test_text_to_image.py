@@ -37,6 +37,7 @@ TINY_T2I = ["--config.model.name=dit", "--config.model.hidden_size=32",
             "--config.train.checkpoint_every=6", "--config.train.num_steps=6"]
 
 
+@pytest.mark.slow  # ~100 s with its clip run; test_precomputed_... is the default t2i test
 def test_clip_conditioned_dit_through_the_command_line(clip_run, data_dir, tmp_path):
   w = tmp_path / "t2i"
   run_cli("train", [f"--config={ROOT}/configs/digits_t2i.py", f"--workdir={w}",
