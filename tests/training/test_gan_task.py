@@ -242,9 +242,9 @@ def _conditional_mnist5k_accuracy(data_dir, workdir, num_steps: int) -> dict:
 @pytest.mark.slow
 def test_conditional_mnist5k_gan_is_recognised(data_dir, tmp_path):
   """The issue's acceptance run: a class-conditional DCGAN on mnist5k trained through the
-  command line (the config's 3,000 steps; the test took 6 min 39 s on the idle machine) generates digits that the domain
-  classifier (an MLP on pixels, trained on the real train split) recognises as the
-  requested class. Measured (2026-11-23): sample accuracy 0.948, per class 0.75–0.99,
+  command line (the config's 3,000 steps; 6 min 39 s on the idle 2-core machine)
+  generates digits that the domain classifier (an MLP on pixels, trained on the real
+  train split) recognises as the requested class. Measured (2026-11-23): sample accuracy 0.948, per class 0.75–0.99,
   classifier test accuracy 0.936 (docs/gan.md)."""
   r = _conditional_mnist5k_accuracy(data_dir, tmp_path, 3000)
   print("\nmnist5k conditional GAN:", json.dumps(r))
