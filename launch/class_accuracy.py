@@ -17,8 +17,6 @@ The same object is written to <workdir>/eval/class_accuracy_<step>.json.
 Unconditional runs (config.model.class_conditional=False and no text conditioning)
 are an error.
 """
-import json
-import os
 
 import jax
 import numpy as np
@@ -90,11 +88,7 @@ def main(argv):
                   steps=_STEPS.value or config.sample.num_steps,
                   guidance=config.sample.guidance if _GUIDANCE.value is None
                   else _GUIDANCE.value)
-  out = os.path.join(_WORKDIR.value, "eval", f"class_accuracy_{step}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(report, f, indent=2)
-  print(json.dumps(report))
+  common.report(_WORKDIR.value, f"class_accuracy_{step}", report)
 
 
 def run():

@@ -7,10 +7,7 @@ the example's own caption) and class-level (i2t_class, t2i_class: a caption of t
 label, the headline for label-made captions), zero-shot classification accuracy
 (embedded digits), chance level; and writes it to <workdir>/eval/retrieval_<step>.json.
 """
-import json
-import os
 
-import jax
 from absl import app, flags
 
 from diffusion_jax.training.tasks import clip as clip_task
@@ -35,12 +32,7 @@ def main(argv):
                                      use_ema=_EMA.value, seed=_SEED.value)
   except common.USER_ERRORS as e:
     common.fail(e)
-  if jax.process_index() == 0:
-    path = os.path.join(_WORKDIR.value, "eval", f"retrieval_{results['step']}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(results, f, indent=2)
-    print(json.dumps(results))
+  common.report(_WORKDIR.value, f"retrieval_{results['step']}", results)
 
 
 def run():

@@ -2,6 +2,7 @@
 and turning configuration errors into one clear line instead of a traceback."""
 from __future__ import annotations
 
+import json
 import logging as pylogging
 import os
 import sys
@@ -62,3 +63,16 @@ def fail(error) -> None:
   """Exits with status 1 and the error's message on stderr."""
   print(f"error: {error}", file=sys.stderr)
   sys.exit(1)
+
+
+def report(workdir: str, name: str, results: dict) -> None:
+  """Writes results to <workdir>/eval/<name>.json and prints them as one JSON line
+  (process 0 only): the output of the measurement scripts."""
+  import jax
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "eval", f"{name}.json")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(results, f, indent=2)
+  print(json.dumps(results))

@@ -8,10 +8,7 @@ Samples N points (EMA parameters by default) and prints one JSON line with
 modes, high_quality, counts per mode, kl to uniform; also written to
 <workdir>/eval/modes_<step>.json.
 """
-import json
-import os
 
-import jax
 from absl import app, flags
 
 from diffusion_jax import data
@@ -45,13 +42,7 @@ def main(argv):
     results = coverage(_WORKDIR.value, _NUM.value, _SEED.value, not _RAW.value)
   except common.USER_ERRORS as e:
     common.fail(e)
-  if jax.process_index() == 0:
-    path = os.path.join(_WORKDIR.value, "eval", f"modes_{results['step']}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(results, f, indent=2)
-    print(json.dumps(results))
-
+  common.report(_WORKDIR.value, f"modes_{results['step']}", results)
 
 def run():
   app.run(main, flags_parser=common.parse_flags)

@@ -26,6 +26,12 @@ def example_keys(key, batch_size: int, axis_name: str | None = None):
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(offset + jnp.arange(batch_size))
 
 
+def all_finite(loss, grads):
+  """True iff the loss and every gradient entry are finite (a scalar bool)."""
+  return jnp.isfinite(loss) & jnp.all(jnp.array(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+
+
 def make_train_step(loss_fn, tx, lr_schedule, *, ema_decay: float):
   """Builds step(state, batch, key, axis_name=None) -> (state, metrics).
 
@@ -51,8 +57,7 @@ def make_train_step(loss_fn, tx, lr_schedule, *, ema_decay: float):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = ema_update(state.ema_params, params, ema_decay, state.step)
-    finite = jnp.isfinite(loss) & jnp.all(jnp.array(
-        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    finite = all_finite(loss, grads)
     # One conditional, not a select per leaf: the same result, and far less for XLA
     # to compile.
     params, ema, opt_state = jax.lax.cond(

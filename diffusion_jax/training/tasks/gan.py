@@ -166,13 +166,13 @@ def train_step(config, info):
       d_loss, d_metrics, d_grads = mean((d_loss, d_metrics, d_grads), axis_name)
       updates, d_opt = tx_d.update(d_grads, d_opt, d_vars["params"])
       d_vars = dict(new_d_vars, params=optax.apply_updates(d_vars["params"], updates))
-      finite &= _all_finite(d_loss, d_grads)
+      finite &= step_lib.all_finite(d_loss, d_grads)
     (g_loss, new_g_vars), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(
         g_vars["params"], g_vars, d_vars, labels, keys)
     g_loss, g_grads = mean((g_loss, g_grads), axis_name)
     updates, g_opt = tx_g.update(g_grads, state.opt_state["generator"], g_vars["params"])
     g_vars = dict(new_g_vars, params=optax.apply_updates(g_vars["params"], updates))
-    finite &= _all_finite(g_loss, g_grads)
+    finite &= step_lib.all_finite(g_loss, g_grads)
     ema_g = dict(g_vars, params=ema_update(state.ema_params["generator"]["params"],
                                            g_vars["params"], config.train.ema_decay,
                                            state.step))
@@ -189,11 +189,6 @@ def train_step(config, info):
                          opt_state=opt_state), metrics
 
   return step
-
-
-def _all_finite(loss, grads):
-  return jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g))
-                                                 for g in jax.tree.leaves(grads)]))
 
 
 def generator_fn(config, info):
