@@ -10,23 +10,14 @@ logit-normal as the denoiser's training does. With --config.classifier.noise_con
 it is a clean-image classifier instead.
 """
 from diffusion_jax.config import base
+from diffusion_jax_configs import common
 
 
 def get_config():
-  c = base()
+  c = common.digits_data(base())
   c.task = "classifier"
-  c.data.name = "sklearn_digits"
-  c.data.batch_size = 128
-  c.model.channels = 16
-  c.model.channel_mult = (1, 2)
-  c.model.num_res_blocks = 1
-  c.model.attn_resolutions = (4,)
+  common.digits_unet(c)
   c.diffusion.path = "flow"
-  c.diffusion.time_sampling = "uniform"
-  c.optim.lr = 2e-3
-  c.optim.warmup_steps = 100
-  c.train.num_steps = 1000
-  c.train.log_every = 100
-  c.train.checkpoint_every = 500
-  c.train.ema_decay = 0.995
+  c.diffusion.time_sampling = "uniform"  # guidance asks at every t, not logit-normal ones
+  common.quickstart_training(c, num_steps=1000)
   return c

@@ -9,29 +9,18 @@ SigLIP instead: --config.clip.loss=siglip. No sample grids (nothing to generate)
 docs/clip.md has the measured held-out retrieval.
 """
 from diffusion_jax.config import base
+from diffusion_jax_configs import common
 
 
 def get_config():
-  c = base()
+  c = common.digits_data(base(), batch_size=64)
   c.task = "clip"
-  c.data.name = "sklearn_digits"
-  c.data.batch_size = 64
   c.text.max_length = 32
   c.clip.loss = "clip"
   c.clip.embed_dim = 32
-  c.clip.text_width = 32
-  c.clip.text_depth = 2
-  c.clip.text_heads = 4
-  c.clip.vision_width = 32
-  c.clip.vision_depth = 2
-  c.clip.vision_heads = 4
-  c.clip.patch_size = 2
-  c.optim.lr = 3e-3
-  c.optim.weight_decay = 1e-4
-  c.optim.warmup_steps = 10
-  c.train.num_steps = 400
-  c.train.log_every = 50
-  c.train.checkpoint_every = 0
-  c.train.ema_decay = 0.99
+  c.clip.update(text_width=32, text_depth=2, text_heads=4)
+  c.clip.update(vision_width=32, vision_depth=2, vision_heads=4, patch_size=2)
+  c.optim.update(lr=3e-3, weight_decay=1e-4, warmup_steps=10)
+  c.train.update(num_steps=400, log_every=50, checkpoint_every=0, ema_decay=0.99)
   c.sample.per_class = 0
   return c

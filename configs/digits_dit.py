@@ -20,28 +20,13 @@ ones (benchmark_train, batch 128: hidden 64 182 vs 230 ms per step, hidden 128 2
 336 ms); scan and remat pay off for deep models (docs/scaling.md).
 """
 from diffusion_jax.config import base
+from diffusion_jax_configs import common
 
 
 def get_config():
-  c = base()
-  c.data.name = "sklearn_digits"
-  c.data.batch_size = 128
+  c = common.digits_data(base())
   c.model.name = "dit"
-  c.model.hidden_size = 96
-  c.model.depth = 4
-  c.model.num_heads = 4
-  c.model.patch_size = 2
-  c.model.scan = False
-  c.diffusion.path = "flow"
-  c.diffusion.prediction = "velocity"
-  c.diffusion.time_sampling = "logit_normal"
-  c.sample.sampler = "euler"
-  c.sample.num_steps = 32
-  c.sample.guidance = 1.0
-  c.optim.lr = 2e-3
-  c.optim.warmup_steps = 100
-  c.train.num_steps = 600
-  c.train.log_every = 100
-  c.train.checkpoint_every = 500
-  c.train.ema_decay = 0.995
+  c.model.update(hidden_size=96, depth=4, num_heads=4, patch_size=2, scan=False)
+  common.rectified_flow(c, sample_steps=32)
+  common.quickstart_training(c)
   return c

@@ -11,6 +11,7 @@ them with `diffusion-jax-sample --output=x.npz` (`values`) and score them with
   diffusion-jax-train --config=configs/gan_ring8.py --workdir=/tmp/ring8
 """
 from diffusion_jax.config import base
+from diffusion_jax_configs import common
 
 
 def get_config():
@@ -19,23 +20,11 @@ def get_config():
   c.data.name = "ring8"
   c.data.batch_size = 256
   c.model.class_conditional = False
-  c.gan.generator = "mlp"
-  c.gan.discriminator = "mlp"
-  c.gan.d_norm = "none"
-  c.gan.mlp_width = 256
-  c.gan.mlp_depth = 3
-  c.gan.latent_dim = 16
+  c.gan.update(generator="mlp", discriminator="mlp", d_norm="none")
+  c.gan.update(mlp_width=256, mlp_depth=3, latent_dim=16)
   c.gan.loss = "hinge"
   c.gan.r1_weight = 0.01
-  c.optim.name = "adam"
-  c.optim.lr = 1e-3
-  c.optim.b1 = 0.5
-  c.optim.schedule = "constant"
-  c.optim.warmup_steps = 0
-  c.optim.grad_clip = 0.0
-  c.train.num_steps = 5000
-  c.train.log_every = 250
-  c.train.checkpoint_every = 1000
-  c.train.ema_decay = 0.99
+  common.dcgan_adam(c, lr=1e-3)
+  c.train.update(num_steps=5000, log_every=250, checkpoint_every=1000, ema_decay=0.99)
   c.sample.per_class = 0  # points, not images: no PNG grids
   return c

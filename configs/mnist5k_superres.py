@@ -15,26 +15,15 @@ first stage's imperfect samples. About 6 s/step on a 2-core CPU: an accelerator 
       --output=/tmp/high.npz --grid
 """
 from diffusion_jax.config import base
+from diffusion_jax_configs import common
 
 
 def get_config():
-  c = base()
-  c.data.name = "mnist5k"
-  c.data.batch_size = 64
+  c = common.mnist5k_data(base())
   c.superres.low_res = 14
   c.superres.noise_aug = 0.1
-  c.model.channels = 32
-  c.model.channel_mult = (1, 2, 2)
-  c.model.num_res_blocks = 1
-  c.model.attn_resolutions = (7,)
-  c.diffusion.path = "flow"
-  c.diffusion.prediction = "velocity"
-  c.diffusion.time_sampling = "logit_normal"
-  c.sample.sampler = "euler"
-  c.sample.num_steps = 50
+  common.mnist5k_unet(c)
+  common.rectified_flow(c, sample_steps=50)
   c.optim.lr = 1e-3
-  c.train.num_steps = 10000
-  c.train.log_every = 100
-  c.train.checkpoint_every = 2000
-  c.train.sample_every = 2000
+  c.train.update(num_steps=10000, log_every=100, checkpoint_every=2000, sample_every=2000)
   return c

@@ -44,9 +44,58 @@ def start() -> None:
                         _CPU_COLLECTIVES.value)
 
 
+def resolve_config(value: str) -> str:
+  """`--config`'s value as ml_collections' config_flags should load it: an existing file
+  as given; otherwise a shipped config's name (`quickstart` or `quickstart.py`, with an
+  optional `:arg` for `get_config(arg)`) as that file inside the installed
+  `diffusion_jax_configs` package. Raises ValueError naming the value and listing the
+  shipped names when it is neither."""
+  import importlib.resources
+  import diffusion_jax_configs
+  path, colon, arg = value.partition(":")
+  if os.path.isfile(path):
+    return value
+  names = diffusion_jax_configs.names()
+  name = path[:-3] if path.endswith(".py") else path
+  if name in names:
+    return f"{importlib.resources.files(diffusion_jax_configs) / f'{name}.py'}{colon}{arg}"
+  stem = os.path.basename(name)
+  hint = f"; the shipped one is --config={stem}" if stem in names and stem != name else ""
+  raise ValueError(f"--config={value}: no such file, and not a shipped config name "
+                   f"(shipped: {', '.join(names)}){hint}")
+
+
+def _resolve_config_args(argv):
+  """argv with the value of `--config=V` / `--config V` (one or two dashes; flags
+  before a `--` only) passed through `resolve_config`."""
+  out, i = list(argv[:1]), 1
+  while i < len(argv):
+    a = argv[i]
+    if a == "--":
+      out += argv[i:]
+      break
+    flag, eq, value = a.partition("=")
+    if flag in ("--config", "-config"):
+      if eq:
+        a = f"{flag}={resolve_config(value)}"
+      elif i + 1 < len(argv):
+        out.append(a)
+        i += 1
+        a = resolve_config(argv[i])
+    out.append(a)
+    i += 1
+  return out
+
+
 def parse_flags(argv):
   """absl flag parsing with config errors as one line: an unknown key in a
-  `--config.a.b=...` override surfaces from ml_collections as an AttributeError."""
+  `--config.a.b=...` override surfaces from ml_collections as an AttributeError.
+  `--config=<name>` of a shipped config resolves first (`resolve_config`)."""
+  if "config" in flags.FLAGS:
+    try:
+      argv = _resolve_config_args(argv)
+    except ValueError as e:
+      fail(e)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

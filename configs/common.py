@@ -1,0 +1,112 @@
+"""Building blocks of the shipped configs: each sets one coherent group of keys on a
+config (from `diffusion_jax.config.base()`) and returns it, so a config file reads as
+base + blocks + only what differs (configs/quickstart.py is four blocks; a config
+imports them as `from diffusion_jax_configs import common`, in a checkout and installed).
+
+A block sets its keys and nothing else: a key it does not name keeps the base default
+(or what an earlier block set). Keys are in docs/configs.md.
+"""
+
+
+# ---- data
+
+def digits_data(c, batch_size=128):
+  """The embedded 8×8 sklearn digits (1,797 images, 10 classes)."""
+  c.data.name = "sklearn_digits"
+  c.data.batch_size = batch_size
+  return c
+
+
+def mnist5k_data(c, batch_size=64):
+  """The embedded 5,000-image MNIST subset (28×28, 10 classes)."""
+  c.data.name = "mnist5k"
+  c.data.batch_size = batch_size
+  return c
+
+
+# ---- networks
+
+def digits_unet(c, channels=16):
+  """The quickstart's small U-Net for 8×8 images: two levels (8×8, 4×4), one residual
+  block each, self-attention at 4×4."""
+  c.model.channels = channels
+  c.model.channel_mult = (1, 2)
+  c.model.num_res_blocks = 1
+  c.model.attn_resolutions = (4,)
+  return c
+
+
+def mnist5k_unet(c):
+  """A three-level U-Net for 28×28 images (28, 14, 7), 32 channels, one residual block
+  per level, self-attention at 7×7."""
+  c.model.channels = 32
+  c.model.channel_mult = (1, 2, 2)
+  c.model.num_res_blocks = 1
+  c.model.attn_resolutions = (7,)
+  return c
+
+
+def dcgan(c, channels, latent_dim):
+  """The GAN task with DCGAN generator and discriminator (Radford et al. 2016; projection
+  discriminator and conditional BatchNorm when `model.class_conditional`) and the
+  non-saturating loss."""
+  c.task = "gan"
+  c.gan.generator = "dcgan"
+  c.gan.discriminator = "dcgan"
+  c.gan.channels = channels
+  c.gan.latent_dim = latent_dim
+  c.gan.loss = "non_saturating"
+  return c
+
+
+# ---- objective and sampling
+
+def rectified_flow(c, sample_steps, guidance=1.0):
+  """The quickstart's objective: rectified flow (linear path, velocity prediction,
+  logit-normal t as in Esser et al. 2024), sampled with Euler steps and CFG weight w."""
+  c.diffusion.path = "flow"
+  c.diffusion.prediction = "velocity"
+  c.diffusion.time_sampling = "logit_normal"
+  c.sample.sampler = "euler"
+  c.sample.num_steps = sample_steps
+  c.sample.guidance = guidance
+  return c
+
+
+def ddpm(c, beta_schedule):
+  """DDPM's objective (Ho et al. 2020): the discrete VP path with T = 1000 steps,
+  ε-prediction at discrete t, `beta_schedule` ('linear', or Nichol & Dhariwal's
+  'cosine'); samplers clip x̂₀ to [-1, 1]. The sampler is the config's choice."""
+  c.diffusion.path = "vp_discrete"
+  c.diffusion.prediction = "eps"
+  c.diffusion.num_steps = 1000
+  c.diffusion.beta_schedule = beta_schedule
+  c.diffusion.time_sampling = "discrete"
+  c.sample.clip_x0 = True
+  return c
+
+
+# ---- optimisation and training length
+
+def quickstart_training(c, num_steps=600, checkpoint_every=500):
+  """The quickstart's CPU recipe for 8×8 digits: AdamW at 2e-3 after 100 warm-up steps
+  (cosine decay), EMA 0.995, a log line every 100 steps."""
+  c.optim.lr = 2e-3
+  c.optim.warmup_steps = 100
+  c.train.num_steps = num_steps
+  c.train.log_every = 100
+  c.train.checkpoint_every = checkpoint_every
+  c.train.ema_decay = 0.995
+  return c
+
+
+def dcgan_adam(c, lr=2e-4):
+  """DCGAN's optimiser (Radford et al. 2016): Adam with β₁ = 0.5 at a constant learning
+  rate (2e-4), no warm-up and no gradient clipping; both players."""
+  c.optim.name = "adam"
+  c.optim.lr = lr
+  c.optim.b1 = 0.5
+  c.optim.schedule = "constant"
+  c.optim.warmup_steps = 0
+  c.optim.grad_clip = 0.0
+  return c
