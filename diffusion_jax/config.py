@@ -18,7 +18,8 @@ STRUCTURAL_KEYS = ("task", "model", "clip", "gan.generator", "gan.discriminator"
                    "gan.latent_dim", "gan.channels", "gan.d_norm", "gan.mlp_width",
                    "gan.mlp_depth", "gan.style_dim", "gan.mapping_depth",
                    "gan.patch_layers", "data.name", "data.image_size", "optim.name",
-                   "superres.low_res", "text.encoder", "text.max_length")
+                   "superres.low_res", "text.encoder", "text.max_length",
+                   "optim.trainable")
 # Keys under a structural prefix that change compute only (a resumed run may switch
 # them, e.g. turn on remat or bf16 compute to fit a bigger batch).
 COMPUTE_ONLY_KEYS = ("model.remat", "model.attention_impl", "model.dtype", "model.dropout")
@@ -147,12 +148,13 @@ def base() -> ml_collections.ConfigDict:
   c.sample.num_steps = 50
   c.sample.guidance = 1.0                 # w in (1 + w)·f(y) − w·f(∅); 0 = off
   c.sample.clip_x0 = False
-  c.sample.ddim_eta = 0.0
-  c.sample.ddpm_variance = "small"        # small (β̃_t) | large (β_t)
   c.sample.spacing = config_dict.placeholder(str)  # None: the sampler's default | uniform | karras | logsnr
-  c.sample.pc_snr = 0.16                  # pc: Langevin corrector signal-to-noise ratio
-  c.sample.pc_corrector_steps = 1
-  c.sample.edm_churn = 0.0                # edm: S_churn (0 = deterministic)
+  # Sampler options: config.sample.<sampler> holds exactly the keyword arguments of
+  # `samplers.<sampler>` beyond the common ones, passed to it as they are.
+  c.sample.ddim = ml_collections.ConfigDict({"eta": 0.0})
+  c.sample.ddpm = ml_collections.ConfigDict({"variance": "small"})  # small (β̃_t) | large (β_t)
+  c.sample.pc = ml_collections.ConfigDict({"snr": 0.16, "corrector_steps": 1})  # Langevin corrector
+  c.sample.edm = ml_collections.ConfigDict({"s_churn": 0.0})  # S_churn (0 = deterministic)
   c.sample.per_class = 8                  # columns of the training-time sample grid (0: no grids)
 
   c.optim = ml_collections.ConfigDict()
@@ -166,6 +168,9 @@ def base() -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 100
   c.optim.min_lr_ratio = 0.0              # cosine decays to lr * min_lr_ratio
   c.optim.grad_clip = 1.0                 # global-norm clipping; 0 = off
+  # Regexes over parameter paths (re.search, e.g. 'attn/'): only matching parameters
+  # train and have optimizer state; () = all of them.
+  c.optim.trainable = ()
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1000
@@ -176,6 +181,7 @@ def base() -> ml_collections.ConfigDict:
   c.train.async_checkpointing = True
   c.train.ema_decay = 0.999
   c.train.on_nonfinite = "skip"           # skip (keep the old state) | stop (raise)
+  c.train.parallel = "jit"                # jit (sharded over the mesh) | pmap (one program per device)
 
   # Evaluation (`diffusion-jax-evaluate` defaults; every > 0 also runs it from the
   # training loop). Sample metrics need a feature network: a classifier run.
@@ -229,11 +235,12 @@ _CHOICES = {
     "diffusion.time_sampling": ("uniform", "logit_normal", "discrete"),
     "sample.sampler": ("euler", "ddpm", "ddim", "heun", "dpm_solver_2m", "sde", "pc",
                        "edm", "annealed_langevin"),
-    "sample.ddpm_variance": ("small", "large"),
+    "sample.ddpm.variance": ("small", "large"),
     "sample.spacing": (None, "uniform", "karras", "logsnr"),
     "optim.name": ("adamw", "adam", "sgd"),
     "optim.schedule": ("cosine", "constant"),
     "train.on_nonfinite": ("skip", "stop"),
+    "train.parallel": ("jit", "pmap"),
 }
 _POSITIVE = ("data.batch_size", "train.num_steps", "train.log_every", "train.keep_checkpoints",
              "diffusion.num_steps", "sample.num_steps", "model.channels", "eval.num_samples",
@@ -271,15 +278,6 @@ def validate(config) -> None:
   if config.diffusion.time_sampling == "discrete" and config.diffusion.path != "vp_discrete":
     raise ValueError("config.diffusion.time_sampling='discrete' needs "
                      "config.diffusion.path='vp_discrete'")
-  if config.task == "gan" and config.gan.d_norm == "batch" and (
-      config.gan.gp_weight or config.gan.r1_weight):
-    raise ValueError("config.gan.d_norm='batch' with config.gan.gp_weight / r1_weight: a "
-                     "gradient penalty is per example, BatchNorm mixes the batch; use "
-                     "d_norm='layer' or 'none'")
-  if config.task == "clip" and config.eval.every:
-    raise ValueError(f"config.eval.every={config.eval.every}: a config.task='clip' run "
-                     "generates nothing to evaluate; set it to 0 and use "
-                     "launch/clip_retrieval.py")
 
 
 def to_json(config) -> str:

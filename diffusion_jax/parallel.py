@@ -170,14 +170,16 @@ def to_host(x):
 # ---------------------------------------------------------------------------------
 # The pmap path: the same step body, one program per device.
 
-def pmap_step(step_body, axis_name: str = "batch"):
-  """Compiles step_body(state, batch, key, axis_name=...) with jax.pmap.
+def pmap_step(step_body, axis_name: str = "batch", devices=None):
+  """Compiles step_body(state, batch, key, axis_name=...) with jax.pmap (over
+  `devices`, default every local device).
 
   state is replicated (leading device axis), batch is split [n_devices, b, ...], the
   key is shared. The body averages gradients with lax.pmean over `axis_name`.
   """
   return jax.pmap(lambda s, b, k: step_body(s, b, k, axis_name=axis_name),
-                  axis_name=axis_name, in_axes=(0, 0, None), donate_argnums=(0,))
+                  axis_name=axis_name, in_axes=(0, 0, None), donate_argnums=(0,),
+                  devices=devices)
 
 
 def split_for_pmap(local_batch, n_devices: int | None = None):

@@ -28,8 +28,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from diffusion_jax import io
-from diffusion_jax.training import generate, tasks
+from diffusion_jax import io, runs
+from diffusion_jax.training import generate
 from diffusion_jax_launch import common
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by diffusion-jax-train.")
@@ -87,18 +87,17 @@ def _inputs():
 
 
 def _interpolation_strips():
-  """(images uint8 [R, P, H, W, C], labels [R], checkpoint step) of a GAN run."""
-  config, info, state, _, step = generate.load_run(_WORKDIR.value, _STEP.value)
-  task = tasks.get(config.task)
-  if not hasattr(task, "interpolate"):
-    raise ValueError(f"--interpolate needs a GAN run; {_WORKDIR.value} is a "
-                     f"{config.task!r} run")
-  labels = generate.resolve_labels(info, _NUM.value, _LABELS.value)
-  tree = state.params if _RAW.value else state.ema_params
-  strips = jax.jit(lambda t, l: task.interpolate(
-      config, info, t, jax.random.key(_SEED.value), l, _POINTS.value, _INTERPOLATE.value))(
-          tree, labels)
-  return io.to_uint8(np.asarray(strips)), labels, step
+  """(images uint8 [R, P, H, W, C], labels [R], checkpoint step) of a run whose
+  generator interpolates latents (GANs)."""
+  comp = runs.load(_WORKDIR.value, step=_STEP.value, params="raw" if _RAW.value else "ema")
+  gen = generate.generator_of(comp)
+  if gen.interpolate is None:
+    raise ValueError(f"--interpolate needs a run that interpolates latents (a GAN); "
+                     f"{_WORKDIR.value} is a config.task={comp.config.task!r} run")
+  labels = generate.resolve_labels(gen.num_classes, _NUM.value, _LABELS.value)
+  strips = jax.jit(lambda t, l: gen.interpolate(
+      t, jax.random.key(_SEED.value), l, _POINTS.value, _INTERPOLATE.value))(comp.params, labels)
+  return io.to_uint8(np.asarray(strips)), labels, comp.step
 
 
 def main(argv):
@@ -123,7 +122,7 @@ def main(argv):
     return
   try:
     inputs, input_labels, inpaint = _inputs()
-    images, labels, info, step = generate.sample_run(
+    images, labels, comp = generate.sample_run(
         _WORKDIR.value, _NUM.value, _LABELS.value or input_labels, seed=_SEED.value,
         sampler=_SAMPLER.value, num_steps=_STEPS.value, guidance=_GUIDANCE.value,
         step=_STEP.value, use_ema=not _RAW.value, inputs=inputs, inpaint=inpaint,
@@ -132,13 +131,12 @@ def main(argv):
   except common.USER_ERRORS as e:
     common.fail(e)
   if jax.process_index() == 0:
-    values, images = np.asarray(images, np.float32), io.to_uint8(images)
-    labels = labels if info.num_classes else np.full(len(labels), -1, np.int32)
+    values, images, step = np.asarray(images, np.float32), io.to_uint8(images), comp.step
     output = _OUTPUT.value
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     np.savez(output, images=images, labels=labels, values=values)
     print(f"Wrote {len(images)} samples (checkpoint step {step}) to {output}")
-    if _GRID.value and images.shape[-1] in (1, 3):
+    if _GRID.value and comp.info.is_image:
       rows = int(np.ceil(np.sqrt(len(images))))
       png = io.save_png(os.path.splitext(output)[0] + ".png", io.grid(images, rows),
                         upscale=max(1, 64 // images.shape[1]))

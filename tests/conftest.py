@@ -92,9 +92,9 @@ def read_metrics(workdir):
 def load_state(workdir, step=None):
   """(params, ema_params) of a run's checkpoint as numpy pytrees."""
   import jax
-  from diffusion_jax.training import generate
-  _, _, state, _, _ = generate.load_run(str(workdir), step)
-  return jax.device_get(state.params), jax.device_get(state.ema_params)
+  from diffusion_jax import runs
+  return tuple(jax.device_get(runs.load(str(workdir), step=step, params=p).params)
+               for p in ("raw", "ema"))
 
 
 def assert_trees_equal(a, b, rtol=0.0, atol=0.0):

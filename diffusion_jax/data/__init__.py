@@ -4,6 +4,7 @@ from diffusion_jax.data.builders import EMBEDDED, prepare
 from diffusion_jax.data.pipeline import (
     DatasetInfo,
     TextOptions,
+    features,
     get_source,
     load_arrays,
     load_text_arrays,
@@ -16,6 +17,7 @@ __all__ = [
     "EMBEDDED",
     "DatasetInfo",
     "TextOptions",
+    "features",
     "get_source",
     "load_arrays",
     "load_text_arrays",

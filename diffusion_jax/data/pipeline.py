@@ -7,8 +7,8 @@ position), cut it into chunks of b_local = batch_size // process_count, and
 process p takes chunks p, p + P, p + 2P, ... So concatenating hosts 0..P-1's
 step-s batches in order gives the single-process step-s batch.
 
-Runs that need text (`text_options(config)` is not None: config.task == 'clip' or
-config.text.encoder != '') also get "tokens" (data/text.py): captions made from the
+Runs whose task needs text (`Task.text`, built by `text_options(config)`) also get
+"tokens" (data/text.py): captions made from the
 labels for the embedded digit datasets (template drawn from the element's generator),
 else the dataset's string feature config.text.feature; with config.text.encoder ==
 'precomputed' also "text_embedding", the dataset feature config.text.embedding_feature.
@@ -38,11 +38,22 @@ class DatasetInfo:
     image_shape: (H, W, C) after any resize.
     num_classes: number of label classes; 0 for unconditional datasets.
     num_examples: number of examples in the split.
+    kind: "image" (uint8 pixels, 1 or 3 channels make pictures) or "values" (float32
+      arrays used as they are, e.g. ring8's 2-D points).
+    label_captions: captions come from the labels (the embedded digit datasets:
+      `text.digit_caption`), so a label alone can be captioned.
   """
 
   image_shape: tuple[int, int, int]
   num_classes: int
   num_examples: int
+  kind: str = "image"
+  label_captions: bool = False
+
+  @property
+  def is_image(self) -> bool:
+    """Pictures: uint8 pixels with 1 or 3 channels (grids, PNGs, Inception apply)."""
+    return self.kind == "image" and self.image_shape[-1] in (1, 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +73,9 @@ class TextOptions:
   embedding_feature: str | None = None
 
 
-def text_options(config: Any, *, force: bool = False) -> TextOptions | None:
-  """TextOptions of a full config, or None when the run needs no text (neither
-  config.task == 'clip' nor config.text.encoder set). force: options even then."""
-  if not (force or config.task == "clip" or config.text.encoder):
-    return None
+def text_options(config: Any) -> TextOptions:
+  """The TextOptions of a full config's `text` section (a task whose batches carry
+  text asks for them: `Task.text`)."""
   return TextOptions(
       max_length=int(config.text.max_length),
       feature=config.text.feature,
@@ -79,7 +88,7 @@ def _check_text_features(name: str, data_dir: str | None, text: TextOptions) -> 
   """Raises unless dataset `name` has the features `text` needs. Returns True when
   captions come from labels (the embedded digit datasets)."""
   text_lib.encode([""], text.max_length)  # validates max_length, naming the key
-  from_labels = name in builders.EMBEDDED
+  from_labels = builders.label_captions(name)
   features = _open_builder(name, data_dir).info.features
   needed = [] if from_labels else [("config.text.feature", text.feature)]
   if text.embedding_feature is not None:
@@ -140,6 +149,11 @@ def _open_builder(name: str, data_dir: str | None):
   return builder
 
 
+def features(name: str, data_dir: str | os.PathLike | None = None):
+  """The TFDS `FeaturesDict` of dataset `name` (prepared, or embedded)."""
+  return _open_builder(name, None if data_dir is None else os.fspath(data_dir)).info.features
+
+
 def get_source(
     name: str,
     split: str,
@@ -191,6 +205,8 @@ def get_source(
       image_shape=(height, width, channels),
       num_classes=num_classes,
       num_examples=len(source),
+      kind="image" if dtype == np.uint8 else "values",
+      label_captions=builders.label_captions(name),
   )
   return source, info
 

@@ -1,8 +1,15 @@
-"""The generic training loop. It knows nothing about any task.
+"""The generic training loop. It knows nothing about any task: it asks the task's
+protocol (`tasks/base.py`) for its state, its players (through the one generic step)
+and, for sample grids, its `generator` capability.
 
     config ─► data ─► global batch ─► compiled step ─► state ─► checkpoint
                                             └─ metrics        ├─► sampler ─► PNG grid
                                                               └─► evaluator ─► eval/<step>.json
+
+The periodic evaluator is a callback from the entry point (`make_evaluator`, e.g.
+`evaluation.make_evaluator`): evaluation is a layer above training, which never
+imports it. The step compiles with `jax.jit` over the mesh (config.train.parallel =
+'jit', the default) or with `jax.pmap` over the devices ('pmap'), the same body.
 
 Re-running on the same workdir resumes from the last checkpoint (state and data
 iterator), so N steps in one go equal N/2 + N/2 across a restart, bit for bit on CPU.
@@ -20,8 +27,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from diffusion_jax import checkpoint, config as config_lib, data, io, parallel, writers
-from diffusion_jax.evaluation import run as eval_run
-from diffusion_jax.training import generate, tasks
+from diffusion_jax.training import generate, step as step_lib, tasks
 
 
 class _Preemption:
@@ -65,32 +71,36 @@ def keys(seed: int):
   return tuple(jax.random.split(jax.random.key(seed), 3))
 
 
-def train(config, workdir: str, devices=None):
+def train(config, workdir: str, devices=None, make_evaluator=None):
   """Trains config in workdir (resuming if it holds a checkpoint). Returns the state.
 
   devices: the devices of the mesh (default: every device of every host).
+  make_evaluator(config, info, workdir, mesh) -> evaluate(step, params, *, extra) ->
+    results: the periodic evaluator (config.eval.every > 0), built before the first
+    step so a bad config.eval fails at once; `evaluation.make_evaluator` is one.
   SIGTERM at any point (even while compiling) saves after the next step and returns.
   """
   with _Preemption() as preemption:
-    return _train(config, workdir, devices, preemption)
+    return _train(config, workdir, devices, preemption, make_evaluator)
 
 
-def _train(config, workdir, devices, preemption):
+def _train(config, workdir, devices, preemption, make_evaluator):
   config_lib.validate(config)
-  task = tasks.get(config.task)
   mesh = parallel.make_mesh(config.mesh, devices)
   parallel.check_batch_size(config.data.batch_size, mesh)
   info = dataset_info(config)
+  task = tasks.make(config, info)
   init_key, step_root, sample_key = keys(config.seed)
 
-  abstract = jax.eval_shape(lambda k: task.init(config, k, info), init_key)
+  abstract = jax.eval_shape(task.init, init_key)
   shardings = parallel.state_shardings(mesh, abstract, config.mesh)
   mngr = checkpoint.manager(workdir, max_to_keep=config.train.keep_checkpoints,
                             async_save=config.train.async_checkpointing)
   meta = {"config": config_lib.to_json(config),
-          "dataset": {"image_shape": list(info.image_shape), "num_classes": info.num_classes}}
-  data_iter = data.make_train_iterator(config.data, seed=config.seed,
-                                        text=data.text_options(config))
+          "dataset": {"image_shape": list(info.image_shape), "num_classes": info.num_classes,
+                      "num_examples": info.num_examples, "kind": info.kind,
+                      "label_captions": info.label_captions}}
+  data_iter = data.make_train_iterator(config.data, seed=config.seed, text=task.text)
 
   latest = mngr.latest_step()
   if latest is not None:
@@ -104,35 +114,35 @@ def _train(config, workdir, devices, preemption):
     data_iter.set_state(data_state)
     logging.info("Resumed from %s at step %d.", mngr.directory, latest)
   else:
-    state = _compile_init(lambda k: task.init(config, k, info), shardings, init_key)(init_key)
+    state = _compile_init(task.init, shardings, init_key)(init_key)
 
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(config))
 
-  repl, batch_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  step_fn = jax.jit(task.train_step(config, info), in_shardings=(shardings, batch_sh, repl),
-                    out_shardings=(shardings, repl), donate_argnums=(0,))
+  run_step, current = _compile_step(config, task, mesh, shardings, state)
   sampler = grid = None
-  # Tasks that generate get grids, of images (1 or 3 channels; not ring8's 2-D points).
-  if hasattr(task, "sample") and config.sample.per_class and info.image_shape[-1] in (1, 3):
-    sampler = generate.compile_sampler(task.sample(config, info))
-    grid = task.grid_conditioning(config, info)
-  # Built before the first step, so a bad config.eval fails now, not after hours.
-  evaluator = (eval_run.make_evaluator(config, info, workdir, mesh)
-               if config.eval.every else None)
+  if task.generator is not None and config.sample.per_class and info.is_image:
+    sampler = generate.compile_sampler(task.generator.sample())
+    grid = task.generator.grid()
+  evaluator = None
+  if config.eval.every:
+    if make_evaluator is None:
+      raise ValueError(f"config.eval.every={config.eval.every}, but no evaluator was given "
+                       "(diffusion-jax-train passes evaluation.make_evaluator)")
+    evaluator = make_evaluator(config, info, workdir, mesh)
   writer = writers.MetricWriter(workdir)
   num_steps, tc = config.train.num_steps, config.train
   step = int(jax.device_get(state.step))
 
   def save(step):
-    checkpoint.save(mngr, step, state, data_iter.get_state(), meta)
+    checkpoint.save(mngr, step, current(), data_iter.get_state(), meta)
 
   def sample_grid(step):
     if sampler is None:
       return
     cond, rows = grid
-    images = generate.generate(sampler, state.ema_params, cond, sample_key, mesh)
+    images = generate.generate(sampler, current().ema_params, cond, sample_key, mesh)
     if not np.all(np.isfinite(images)):
       logging.warning("step %d: non-finite values in the sample grid (config.sample.sampler=%r)",
                       step, config.sample.sampler)
@@ -142,7 +152,7 @@ def _train(config, workdir, devices, preemption):
 
   def evaluate(step):
     if evaluator is not None:
-      results = evaluator(step, state.ema_params, extra={"train_seconds": train_seconds})
+      results = evaluator(step, current().ema_params, extra={"train_seconds": train_seconds})
       logging.info("step %d evaluation: %s", step, {k: v for k, v in results.items()
                                                     if isinstance(v, float)})
 
@@ -151,8 +161,7 @@ def _train(config, workdir, devices, preemption):
   pending, t_last, s_last, train_seconds = [], time.time(), step, 0.0
   t_train = time.time()
   while step < num_steps:
-    batch = parallel.host_to_global(next(data_iter), mesh)
-    state, metrics = step_fn(state, batch, jax.random.fold_in(step_root, step))
+    metrics = run_step(next(data_iter), jax.random.fold_in(step_root, step))
     step += 1
     pending.append(metrics)
     if tc.on_nonfinite == "stop" and int(metrics["nonfinite"]):
@@ -178,7 +187,7 @@ def _train(config, workdir, devices, preemption):
       save(step)
     due = evaluator is not None and (step % config.eval.every == 0 or step == num_steps)
     if due:
-      jax.block_until_ready(state)  # steps run asynchronously: count the finished ones
+      jax.block_until_ready(current())  # steps run asynchronously: count the finished ones
     train_seconds += time.time() - t_train
     if tc.sample_every and step % tc.sample_every == 0 and step != num_steps:
       sample_grid(step)
@@ -194,7 +203,46 @@ def _train(config, workdir, devices, preemption):
   mngr.wait_until_finished()
   mngr.close()
   writer.close()
-  return state
+  return current()
+
+
+def _compile_step(config, task, mesh, shardings, state):
+  """(run_step(host_batch, key) -> metrics, current() -> the state on `shardings`):
+  the generic step of `task` compiled with jit over the mesh, or with pmap over its
+  devices (config.train.parallel), state held between calls (donated)."""
+  body = step_lib.make_train_step(task)
+  held = {"state": state}
+  if config.train.parallel == "jit":
+    repl, batch_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    step_fn = jax.jit(body, in_shardings=(shardings, batch_sh, repl),
+                      out_shardings=(shardings, repl), donate_argnums=(0,))
+
+    def run_step(batch, key):
+      held["state"], metrics = step_fn(held["state"], parallel.host_to_global(batch, mesh), key)
+      return metrics
+    return run_step, lambda: held["state"]
+
+  devices = list(mesh.devices.flat)
+  if jax.process_count() > 1 or config.mesh.fsdp != 1:
+    raise ValueError("config.train.parallel='pmap' replicates the state on the devices of "
+                     "one host: it needs config.mesh.fsdp=1 and a single process (use 'jit' "
+                     "for FSDP and multi-host runs)")
+  step_fn = parallel.pmap_step(body, devices=devices)
+  held["replicated"] = parallel.replicate(jax.device_get(state), len(devices))
+  held["fresh"] = True
+
+  def run_step(batch, key):
+    held["replicated"], metrics = step_fn(
+        held["replicated"], parallel.split_for_pmap(batch, len(devices)), key)
+    held["fresh"] = False
+    return jax.tree.map(lambda x: x[0], metrics)  # equal on every device (pmean)
+
+  def current():
+    if not held["fresh"]:  # the jit layout, for checkpoints, grids and evaluation
+      held["state"] = jax.device_put(parallel.unreplicate(held["replicated"]), shardings)
+      held["fresh"] = True
+    return held["state"]
+  return run_step, current
 
 
 def _compile_init(init_fn, shardings, key):

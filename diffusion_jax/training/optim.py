@@ -1,7 +1,12 @@
-"""Optimizer and learning-rate schedule from config.optim."""
+"""Optimizer and learning-rate schedule from config.optim, and the trainable subset."""
 from __future__ import annotations
 
+import re
+
+import jax
 import optax
+
+from diffusion_jax import parallel
 
 
 def schedule(optim_cfg, num_steps: int):
@@ -18,8 +23,30 @@ def schedule(optim_cfg, num_steps: int):
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
+def trainable(patterns):
+  """None (every parameter trains) or mask(params) -> bool pytree: True where the
+  leaf's path ('down_0/res_0/conv_0/kernel', within the player's parameters)
+  re.search-es one of `patterns` (config.optim.trainable). A pattern that matches no
+  parameter is an error naming it."""
+  if not patterns:
+    return None
+  compiled = [(p, re.compile(p)) for p in patterns]
+
+  def mask(params):
+    paths = [parallel.leaf_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    unused = [p for p, r in compiled if not any(r.search(x) for x in paths)]
+    if unused:
+      raise ValueError(f"config.optim.trainable: {unused} match no parameter (paths look "
+                       f"like {paths[:3]})")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: any(r.search(parallel.leaf_path(path)) for _, r in compiled), params)
+  return mask
+
+
 def make(optim_cfg, num_steps: int):
-  """Returns (optax transformation, schedule)."""
+  """Returns (optax transformation, schedule). With config.optim.trainable, only the
+  matching parameters are updated and only they have optimizer state (the frozen ones
+  go through `optax.set_to_zero`, whose state is empty): memory follows what trains."""
   sched = schedule(optim_cfg, num_steps)
   if optim_cfg.name == "adamw":
     opt = optax.adamw(sched, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
@@ -33,4 +60,14 @@ def make(optim_cfg, num_steps: int):
   # Always a chain, so the optimizer state's structure does not depend on whether
   # clipping is on (a resumed run may change optim.grad_clip).
   clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
-  return optax.chain(optax.clip_by_global_norm(clip), opt), sched
+  return masked(optax.chain(optax.clip_by_global_norm(clip), opt),
+                trainable(optim_cfg.trainable)), sched
+
+
+def masked(tx, mask):
+  """tx on the leaves where mask(params) is True; the others frozen, with no state."""
+  if mask is None:
+    return tx
+  return optax.multi_transform(
+      {"train": tx, "frozen": optax.set_to_zero()},
+      lambda params: jax.tree.map(lambda m: "train" if m else "frozen", mask(params)))

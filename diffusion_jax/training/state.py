@@ -10,18 +10,14 @@ import jax.numpy as jnp
 
 @flax.struct.dataclass
 class TrainState:
-  """step: int32 scalar; params / ema_params: the network's parameters and their
-  exponential moving average; opt_state: the optax state. Randomness is not stored:
-  a step's key is fold_in(root_key(seed), step)."""
+  """step: int32 scalar; params / ema_params: the task's parameters and their
+  exponential moving average; opt_state: the optax state. Tasks with several players
+  hold a dict per player in each (`step.init_state`). Randomness is not stored: a
+  step's key is fold_in(root_key(seed), step)."""
   step: jax.Array
   params: Any
   ema_params: Any
   opt_state: Any
-
-  @classmethod
-  def create(cls, params, tx):
-    return cls(step=jnp.zeros((), jnp.int32), params=params,
-               ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
 
 
 def ema_update(ema, params, decay: float, step):

@@ -66,11 +66,15 @@ def test_digit_captions():
 
 
 def test_text_options():
+  """What text batches carry is the task's to ask (`Task.text`): a clip run and a
+  text-conditional diffusion run do, an unconditional one does not."""
+  from diffusion_jax.training import tasks
   c = base()
-  assert data.text_options(c) is None
-  assert data.text_options(c, force=True) == data.TextOptions(32, "caption", None)
-  c.task = "clip"
   assert data.text_options(c) == data.TextOptions(32, "caption", None)
+  info = data.DatasetInfo((8, 8, 1), 10, 0)
+  assert tasks.make(c, info).text is None
+  c.task = "clip"
+  assert tasks.make(c, info).text == data.TextOptions(32, "caption", None)
   c.task, c.text.encoder = "diffusion", "precomputed"
   assert data.text_options(c).embedding_feature == "text_embedding"
 

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT, read_metrics, run_cli
 from diffusion_jax import data, parallel
-from diffusion_jax.training import loop, tasks
+from diffusion_jax.training import loop, step as step_lib, tasks
 from diffusion_jax.training.tasks import clip as clip_task
 
 CONFIG = os.path.join(ROOT, "configs", "digits_clip.py")
@@ -60,14 +60,13 @@ def test_pmap_step_equals_jit_step(data_dir, loss):
                           vision_width=8, vision_depth=1, vision_heads=2, patch_size=4))
   config.optim.update(dict(name="sgd", lr=0.5, schedule="constant", warmup_steps=0))
   info = loop.dataset_info(config)
-  task = tasks.get(config.task)
-  assert task is clip_task
+  task = tasks.make(config, info)
+  assert task.text is not None and task.generator is None and task.text_encoder is not None
   init_key, step_root, _ = loop.keys(config.seed)
-  state = jax.device_get(jax.jit(lambda k: task.init(config, k, info),
-                                 compiler_options=FAST_COMPILE)(init_key))
-  batch = next(data.make_train_iterator(config.data, seed=0, text=data.text_options(config)))
+  state = jax.device_get(jax.jit(task.init, compiler_options=FAST_COMPILE)(init_key))
+  batch = next(data.make_train_iterator(config.data, seed=0, text=task.text))
   key = jax.random.fold_in(step_root, 0)
-  body = task.train_step(config, info)
+  body = step_lib.make_train_step(task)
   want_state, want = jax.jit(body, compiler_options=FAST_COMPILE)(state, batch, key)
   step = parallel.pmap_step(body)
   got_state, got = step(parallel.replicate(state), parallel.split_for_pmap(batch), key)

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import assert_trees_equal, load_state, tiny_config
 from diffusion_jax import config as config_lib, data, parallel
-from diffusion_jax.training import loop, tasks
+from diffusion_jax.training import loop, step as step_lib, tasks
 
 # The scanned DiT's block kernels carry a leading depth axis: [depth, D_in, ...] (qkv
 # [depth, D, 3, heads, head_dim], mlp, adaLN) and proj [depth, heads, head_dim, D].
@@ -90,10 +90,10 @@ def _synthetic_run(variant: str, fsdp: int, optim: str = "sgd", steps: int = 1,
   c.mesh.fsdp, c.mesh.rules = fsdp, DIT_RULES
   config_lib.validate(c)
   info = data.DatasetInfo(image_shape=(8, 8, 4), num_classes=10, num_examples=0)
-  task = tasks.get("diffusion")
+  task = tasks.make(c, info)
   mesh = parallel.make_mesh(c.mesh, devices)
   init_key, step_root, _ = loop.keys(c.seed)
-  init = lambda k: task.init(c, k, info)
+  init = task.init
   abstract = jax.eval_shape(init, init_key)
   shardings = parallel.state_shardings(mesh, abstract, c.mesh)
   state = loop._compile_init(init, shardings, init_key)(init_key)
@@ -102,7 +102,7 @@ def _synthetic_run(variant: str, fsdp: int, optim: str = "sgd", steps: int = 1,
       {"image": rng.uniform(-1, 1, (8, 8, 8, 4)).astype(np.float32),
        "label": np.arange(8, dtype=np.int32)}, mesh)
   repl = parallel.replicated(mesh)
-  step = jax.jit(task.train_step(c, info), donate_argnums=(0,),
+  step = jax.jit(step_lib.make_train_step(task), donate_argnums=(0,),
                  in_shardings=(shardings, parallel.batch_sharding(mesh), repl),
                  out_shardings=(shardings, repl))
   t0 = time.time()

@@ -13,7 +13,8 @@ import pytest
 from conftest import ROOT, assert_trees_equal, read_metrics, run_cli, tiny_config
 from diffusion_jax import data
 from diffusion_jax.evaluation import metrics as metrics_lib
-from diffusion_jax.training import generate, loop
+from diffusion_jax import runs
+from diffusion_jax.training import loop, step as step_lib
 from diffusion_jax.training.tasks import gan as gan_task
 
 
@@ -59,10 +60,10 @@ def test_eight_devices_equal_one_and_resume_is_exact(data_dir, tmp_path):
 def test_nonfinite_step_keeps_both_players(data_dir):
   """A NaN in the batch: neither player, nor EMA, nor optimizer state changes."""
   c = _tiny_gan(data_dir)
-  info = loop.dataset_info(c)
-  state = jax.jit(lambda k: gan_task.init(c, k, info))(jax.random.key(0))
+  task = gan_task.make(c, loop.dataset_info(c))
+  state = jax.jit(task.init)(jax.random.key(0))
   batch = next(data.make_train_iterator(c.data, seed=0))
-  step = jax.jit(gan_task.train_step(c, info))
+  step = jax.jit(step_lib.make_train_step(task))
   good, m = step(state, batch, jax.random.key(1))
   assert int(m["nonfinite"]) == 0
   bad_batch = dict(batch, image=np.full_like(batch["image"], np.nan))
@@ -73,11 +74,16 @@ def test_nonfinite_step_keeps_both_players(data_dir):
 
 def test_d_steps_must_divide_the_batch(data_dir):
   c = _tiny_gan(data_dir, **{"gan.d_steps": 3})
-  info = loop.dataset_info(c)
-  state = jax.eval_shape(lambda k: gan_task.init(c, k, info), jax.random.key(0))
-  batch = {"image": jnp.zeros((16, 8, 8, 1)), "label": jnp.zeros((16,), jnp.int32)}
   with pytest.raises(ValueError, match="config.gan.d_steps=3"):
-    jax.eval_shape(gan_task.train_step(c, info), state, batch, jax.random.key(0))
+    gan_task.make(c, loop.dataset_info(c))
+  # A per-device slice that the updates cannot split (batch 16 over 4 devices, 3 updates
+  # of the discriminator) is refused by the generic step, naming the player.
+  c = _tiny_gan(data_dir, **{"gan.d_steps": 2})
+  task = gan_task.make(c, loop.dataset_info(c))
+  state = jax.eval_shape(task.init, jax.random.key(0))
+  batch = {"image": jnp.zeros((3, 8, 8, 1)), "label": jnp.zeros((3,), jnp.int32)}
+  with pytest.raises(ValueError, match="player 'discriminator'"):
+    jax.eval_shape(step_lib.make_train_step(task), state, batch, jax.random.key(0))
 
 
 def test_mode_coverage_on_hand_built_samples():
@@ -137,10 +143,11 @@ def test_train_sample_and_interpolate_through_the_command_line(data_dir, tmp_pat
   # Both strips start at G(z0) and end at G(z1); in between they differ.
   np.testing.assert_array_equal(strips["linear"][:, [0, -1]], strips["slerp"][:, [0, -1]])
   assert not np.array_equal(strips["linear"][:, 2], strips["slerp"][:, 2])
-  config, info, _, _, _ = generate.load_run(str(w))
+  comp = runs.load(str(w))
+  generator = gan_task.make(comp.config, comp.info).generator
   for bad in (dict(sampler="ddim"), dict(num_steps=7), dict(guidance=2.0), dict(strength=0.5)):
     with pytest.raises(ValueError, match="config.task='gan'"):
-      gan_task.sample(config, info, **bad)
+      generator.sample(**bad)
 
 
 @pytest.mark.slow
@@ -172,9 +179,10 @@ def test_every_network_and_loss_trains_a_step(data_dir, variant):
   c = _tiny_gan(data_dir, **{"gan.style_dim": 16, "gan.mapping_depth": 2,
                              "gan.mlp_width": 32, "gan.mlp_depth": 2, **variant})
   info = loop.dataset_info(c)
-  state = jax.jit(lambda k: gan_task.init(c, k, info))(jax.random.key(0))
+  task = gan_task.make(c, info)
+  state = jax.jit(task.init)(jax.random.key(0))
   batch = next(data.make_train_iterator(c.data, seed=0))
-  new, m = jax.jit(gan_task.train_step(c, info))(state, batch, jax.random.key(1))
+  new, m = jax.jit(step_lib.make_train_step(task))(state, batch, jax.random.key(1))
   m = jax.device_get(m)
   assert int(m["nonfinite"]) == 0 and all(np.isfinite(float(v)) for v in m.values()), m
   for player in ("generator", "discriminator"):
@@ -183,7 +191,7 @@ def test_every_network_and_loss_trains_a_step(data_dir, variant):
                                                         jax.tree.leaves(after))), player
   assert (float(m["gp"]) > 0) == bool(c.gan.gp_weight)
   assert (float(m["r1"]) > 0) == bool(c.gan.r1_weight)
-  x, nfe = jax.jit(gan_task.sample(c, info))(new.ema_params, {"label": jnp.arange(4) % 10},
+  x, nfe = jax.jit(task.generator.sample())(new.ema_params, {"label": jnp.arange(4) % 10},
                                              jax.random.split(jax.random.key(2), 4))
   assert x.shape == (4,) + tuple(info.image_shape) and nfe == 1
 
@@ -191,12 +199,13 @@ def test_every_network_and_loss_trains_a_step(data_dir, variant):
 def test_config_errors_name_the_key(data_dir):
   from diffusion_jax import config as config_lib
   c = _tiny_gan(data_dir, **{"gan.r1_weight": 1.0})  # d_norm='batch'
-  with pytest.raises(ValueError, match="config.gan.d_norm='batch'"):
-    config_lib.validate(c)
-  c = _tiny_gan(data_dir, **{"gan.discriminator": "patchgan"})  # conditional
+  config_lib.validate(c)
   info = loop.dataset_info(c)
+  with pytest.raises(ValueError, match="config.gan.d_norm='batch'"):
+    gan_task.make(c, info)
+  c = _tiny_gan(data_dir, **{"gan.discriminator": "patchgan"})  # conditional
   with pytest.raises(ValueError, match="config.gan.discriminator"):
-    jax.eval_shape(lambda k: gan_task.init(c, k, info), jax.random.key(0))
+    gan_task.make(c, info)
 
 
 def test_pmap_step_equals_jit_step_without_batchnorm(data_dir):
@@ -209,9 +218,10 @@ def test_pmap_step_equals_jit_step_without_batchnorm(data_dir):
                              "gan.loss": "wgan", "gan.gp_weight": 10.0,
                              "optim.name": "sgd", "optim.lr": 0.1})
   info = loop.dataset_info(c)
-  state = jax.device_get(jax.jit(lambda k: gan_task.init(c, k, info))(jax.random.key(0)))
+  task = gan_task.make(c, info)
+  state = jax.device_get(jax.jit(task.init)(jax.random.key(0)))
   batch = next(data.make_train_iterator(c.data, seed=0))
-  body, key = gan_task.train_step(c, info), jax.random.key(3)
+  body, key = step_lib.make_train_step(task), jax.random.key(3)
   want_state, want = jax.jit(body)(state, batch, key)
   got_state, got = parallel.pmap_step(body)(parallel.replicate(state),
                                             parallel.split_for_pmap(batch), key)
@@ -219,10 +229,10 @@ def test_pmap_step_equals_jit_step_without_batchnorm(data_dir):
     np.testing.assert_allclose(np.asarray(got[k]), np.full(8, want[k]), rtol=2e-5, atol=1e-6)
   assert_trees_equal(jax.device_get(parallel.unreplicate(got_state)).params,
                      jax.device_get(want_state.params), rtol=2e-5, atol=1e-6)
-  bn = _tiny_gan(data_dir)
-  bn_state = jax.device_get(jax.jit(lambda k: gan_task.init(bn, k, info))(jax.random.key(0)))
+  bn = gan_task.make(_tiny_gan(data_dir), info)
+  bn_state = jax.device_get(jax.jit(bn.init)(jax.random.key(0)))
   with pytest.raises(ValueError, match="pmap"):
-    parallel.pmap_step(gan_task.train_step(bn, info))(
+    parallel.pmap_step(step_lib.make_train_step(bn))(
         parallel.replicate(bn_state), parallel.split_for_pmap(batch), key)
 
 

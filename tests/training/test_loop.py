@@ -12,18 +12,23 @@ import pytest
 
 from conftest import ROOT, assert_trees_equal, load_state, run_cli, tiny_config
 from diffusion_jax import config as config_lib, data
-from diffusion_jax.training import loop, optim, state as state_lib, step as step_lib
+from diffusion_jax.training import loop, optim, step as step_lib, tasks
+import diffusion_jax_configs
 
 
-def _toy_step(**kw):
-  """A step on a 1-parameter model whose loss is NaN when batch['x'] is NaN."""
-  def loss_fn(params, batch, keys, dropout_key):
-    del keys, dropout_key
-    return jnp.mean((params["w"] * batch["x"]) ** 2), {}
-  tx = optax.sgd(0.1)
-  params = {"w": jnp.array(2.0)}
-  return step_lib.make_train_step(loss_fn, tx, optax.constant_schedule(0.1), **kw), \
-      state_lib.TrainState.create(params, tx)
+def _toy_step(ema_decay, trainable=None):
+  """The generic step of a one-player task whose loss, (w·x)² + (v·x)², is NaN when
+  batch['x'] is NaN."""
+  def loss_fn(params, batch, keys, ctx):
+    del keys, ctx
+    return jnp.mean((params["w"] * batch["x"]) ** 2 + (params["v"] * batch["x"]) ** 2), (
+        {}, params)
+  mask = optim.trainable(trainable)  # what optim.make does with config.optim.trainable
+  player = tasks.Player(loss=loss_fn, tx=optim.masked(optax.sgd(0.1), mask),
+                        schedule=optax.constant_schedule(0.1), ema_decay=ema_decay, mask=mask)
+  task = tasks.Task(init=None, players=(player,))
+  params = {"w": jnp.array(2.0), "v": jnp.array(1.0)}
+  return step_lib.make_train_step(task), step_lib.init_state(task.players, params)
 
 
 def test_nonfinite_step_is_skipped():
@@ -43,6 +48,26 @@ def test_ema_update_formula():
   st, _ = step(st, {"x": jnp.ones(4)}, jax.random.key(0))
   d = min(0.5, 1.0 / 10.0)  # warm-up decay at step 0
   assert float(st.ema_params["w"]) == pytest.approx(d * w0 + (1 - d) * float(st.params["w"]))
+
+
+def test_trainable_subset_freezes_the_rest_and_has_no_state_for_it():
+  """config.optim.trainable: only matching parameters move, and the frozen ones have no
+  optimizer state (optax.set_to_zero's is empty), so memory follows what trains."""
+  step, st = _toy_step(ema_decay=0.9, trainable=("^w$",))
+  st, m = step(st, {"x": jnp.ones(4)}, jax.random.key(0))
+  assert float(st.params["w"]) == pytest.approx(2.0 - 0.1 * 4.0)
+  assert float(st.params["v"]) == 1.0 and float(st.ema_params["v"]) == 1.0
+  # The gradient norm is the trainable part's: |dL/dw| = 2·w·E[x²] = 4.
+  assert float(m["grad_norm"]) == pytest.approx(4.0)
+  c = config_lib.base()
+  c.optim.name, c.optim.trainable = "adam", ("^w$",)
+  tx, _ = optim.make(c.optim, 10)
+  state = tx.init({"w": jnp.ones((3, 3)), "v": jnp.ones((1000,))})
+  sizes = [x.size for x in jax.tree.leaves(state)]
+  assert sum(sizes) == 2 * 9 + 2  # Adam's mu and nu of w (+ counts); nothing of v
+  c.optim.trainable = ("nothing_matches",)
+  with pytest.raises(ValueError, match="nothing_matches"):
+    optim.make(c.optim, 10)[0].init({"w": jnp.ones(())})
 
 
 def test_structural_diff_ignores_compute_only_keys():
@@ -103,7 +128,7 @@ def test_fsdp_equals_data_parallel(data_dir, tmp_path):
 
 
 def _load_config(path):
-  spec = importlib.util.spec_from_file_location("cfg", path)
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
@@ -120,7 +145,8 @@ _SLOW_CONFIGS = {"cifar10_ddpm.py",      # 35.7M parameters: ~37 s
 _OWN_TESTS = {"digits_t2i.py"}
 CONFIGS = [pytest.param(p, marks=pytest.mark.slow) if os.path.basename(p) in _SLOW_CONFIGS else p
            for p in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
-           if os.path.basename(p) not in _OWN_TESTS]
+           if os.path.basename(p) not in _OWN_TESTS
+           and os.path.basename(p)[:-3] not in diffusion_jax_configs.HELPERS]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p))

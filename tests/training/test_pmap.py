@@ -10,7 +10,7 @@ import pytest
 
 from conftest import tiny_config
 from diffusion_jax import data, parallel
-from diffusion_jax.training import loop, tasks
+from diffusion_jax.training import loop, step as step_lib, tasks
 
 K = 4
 RTOL, ATOL = 1e-5, 1e-6
@@ -33,21 +33,20 @@ def setup(data_dir):
       "optim.schedule": "constant", "optim.warmup_steps": 0})
   assert config.data.batch_size % 8 == 0
   info = loop.dataset_info(config)
-  task = tasks.get(config.task)
+  task = tasks.make(config, info)
   init_key, step_root, _ = loop.keys(config.seed)
-  state = jax.device_get(
-      jax.jit(lambda k: task.init(config, k, info), compiler_options=FAST_COMPILE)(init_key))
+  state = jax.device_get(jax.jit(task.init, compiler_options=FAST_COMPILE)(init_key))
   it = data.make_train_iterator(config.data, seed=config.seed)
   batches = [next(it) for _ in range(K)]
   step_keys = [jax.random.fold_in(step_root, s) for s in range(K)]
-  body = task.train_step(config, info)
+  body = step_lib.make_train_step(task)
   return config, task, info, init_key, state, batches, step_keys, body
 
 
 def _run_mesh(setup, mesh):
   """K jitted steps as the train loop runs them, on `mesh`."""
   config, task, info, init_key, state, batches, step_keys, body = setup
-  abstract = jax.eval_shape(lambda k: task.init(config, k, info), init_key)
+  abstract = jax.eval_shape(task.init, init_key)
   shardings = parallel.state_shardings(mesh, abstract, config.mesh)
   repl = parallel.replicated(mesh)
   step = jax.jit(body, in_shardings=(shardings, parallel.batch_sharding(mesh), repl),

@@ -11,10 +11,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import ROOT, run_cli
-from diffusion_jax import config as config_lib, data, parallel
+from diffusion_jax import config as config_lib, data, parallel, runs
 from diffusion_jax.data import text as text_lib
 from diffusion_jax.nets import clip as clip_net
 from diffusion_jax.training import generate, loop, tasks
+from diffusion_jax.training.tasks import conditioning as cond_lib
 
 CLIP_STEPS = 60
 
@@ -52,22 +53,24 @@ def test_clip_conditioned_dit_through_the_command_line(clip_run, data_dir, tmp_p
 
   # In process: prompts change samples (same keys), a sample depends only on its own
   # prompt, and the caption-dropped ∅ is the empty caption's encoding.
-  config, info, state, mesh, _ = generate.load_run(str(w))
-  task = tasks.get(config.task)
-  sample_fn = generate.compile_sampler(task.sample(config, info, num_steps=2))
+  comp = runs.load(str(w), params="raw")
+  config, mesh = comp.config, comp.mesh
+  gen = tasks.make(config, comp.info).generator
+  sample_fn = generate.compile_sampler(gen.sample(num_steps=2))
   key = jax.random.key(0)
   run = lambda prompts: generate.generate(
-      sample_fn, state.params, task.conditioning(config, info, np.zeros(len(prompts), np.int32),
-                                                 prompts), key, mesh)
+      sample_fn, comp.params, gen.conditioning(np.zeros(len(prompts), np.int32),
+                                               prompts=prompts), key, mesh)
   a = run(["the number seven", "a handwritten 3"])
   b = run(["the number seven", "the number one"])
   np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-5)
   assert float(np.max(np.abs(a[1] - b[1]))) > 1e-4
 
-  text = task.text_conditioner(config)
+  text = cond_lib.text_conditioner(config)
   tokens = text_lib.encode(["a handwritten 3", "the number one"], config.text.max_length)
   kw = text({"tokens": jnp.asarray(tokens)}, jnp.array([True, False]))
-  clip_config, clip_params = tasks.get("clip").load_encoder(clip_run)
+  clip = runs.load(clip_run)
+  clip_config, clip_params = clip.config, jax.device_get(clip.params)
   _, _, empty = clip_net.encode_text(clip_config, clip_params,
                                      jnp.asarray(text_lib.encode([""], config.text.max_length)))
   _, _, one = clip_net.encode_text(clip_config, clip_params, jnp.asarray(tokens[1:]))
@@ -86,8 +89,8 @@ def test_clip_conditioned_dit_through_the_command_line(clip_run, data_dir, tmp_p
   class_text = np.asarray(clip_net.encode_text(clip_config, clip_params, jnp.asarray(captions))[2])
   score = lambda img, y: 100 * np.mean(np.maximum(np.sum(np.asarray(img) * class_text[y], 1), 0))
   labels = np.arange(20) % 10
-  eval_fn = generate.compile_sampler(task.sample(config, info))
-  samples = generate.generate(eval_fn, state.ema_params, task.conditioning(config, info, labels),
+  eval_fn = generate.compile_sampler(gen.sample())
+  samples = generate.generate(eval_fn, runs.load(str(w)).params, gen.conditioning(labels),
                               jax.random.key(0), mesh)
   assert results["clip_score"] == pytest.approx(score(enc_img(samples), labels), rel=1e-4)
   real, real_labels = data.load_arrays("sklearn_digits", "test", data_dir)
@@ -149,18 +152,18 @@ def test_precomputed_embeddings_train_and_sample(tmp_path):
   assert any(k.startswith("CrossAttention2D") for k in final.params)  # text attention
 
   info = data.DatasetInfo((8, 8, 1), 0, 64)
-  task = tasks.get("diffusion")
-  assert task.null_label(c, info) == 1  # unlabelled: label 1 flags ∅
+  gen = tasks.make(c, info).generator
+  assert cond_lib.null_label(c, info) == 1  # unlabelled: label 1 flags ∅
   emb = np.zeros((2, 3, 5), np.float32)
   emb[0, 0, 0] = emb[1, 0, 1] = 1.0
-  sample_fn = generate.compile_sampler(task.sample(c, info, num_steps=2))
+  sample_fn = generate.compile_sampler(gen.sample(num_steps=2))
   mesh = parallel.make_mesh(c.mesh)
   images = generate.generate(sample_fn, final.params,
                              {"label": np.zeros(2, np.int32), "text_embedding": emb},
                              jax.random.key(0), mesh)
   assert images.shape == (2, 8, 8, 1) and np.all(np.isfinite(images))
   with pytest.raises(ValueError, match="precomputed"):
-    task.conditioning(c, info, np.zeros(2, np.int32))
+    gen.conditioning(np.zeros(2, np.int32))
 
 
 @pytest.mark.slow

@@ -8,23 +8,23 @@ arrays are global (XLA gathers the sharded embeddings); under `pmap` (axis_name 
 embeddings are all-gathered first, and since every device then computes the same loss,
 the gradients, averaged over devices by the generic step, are the global-batch ones.
 
-It has no sampler (no sample grids). Held-out evaluation: `retrieval_accuracy`,
-`zero_shot_accuracy`; another run uses the trained encoders through `load_encoder` and
-`nets.clip.encode_text` / `encode_image`.
+It generates nothing (no `generator`: no sample grids). Held-out evaluation:
+`retrieval_accuracy`, `zero_shot_accuracy`, `evaluate_run`; another run uses the
+trained encoders as a component (`runs.load`) through this task's `text_encoder` and
+`features` capabilities.
 """
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import data, runs
 from diffusion_jax.data import text as text_lib
 from diffusion_jax.losses import contrastive
 from diffusion_jax.nets import clip as clip_net
 from diffusion_jax.training import optim, step as step_lib
-from diffusion_jax.training.state import TrainState
+from diffusion_jax.training.tasks.base import Features, Player, Task, TextEncoder
 
 
 def model(config):
@@ -38,48 +38,53 @@ def _check(config, info):
                      f"(config.data.name={config.data.name!r})")
 
 
-def init(config, key, info) -> TrainState:
-  _check(config, info)
-  images = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
-  tokens = jnp.zeros((1, config.text.max_length), jnp.int32)
-  params = model(config).init(key, images, tokens)["params"]
-  tx, _ = optim.make(config.optim, config.train.num_steps)
-  return TrainState.create(params, tx)
-
-
 def _gather(x, axis_name):
   return x if axis_name is None else jax.lax.all_gather(x, axis_name, tiled=True)
 
 
-def train_step(config, info):
-  """step(state, batch, key, axis_name=None) -> (state, metrics). batch: "image"
-  [B,H,W,C], "tokens" [B,L], "label" [B]. Metrics: loss, the in-batch top-1 retrieval
+def make(config, info) -> Task:
+  """Batches carry "tokens" (`Task.text`). Metrics: loss, the in-batch top-1 retrieval
   accuracies i2t, t2i (own caption/image; ties between identical captions go to the
   lowest index, so these understate) and i2t_class, t2i_class (same label), and the
-  temperature logit_scale (and logit_bias)."""
+  temperature logit_scale (and logit_bias). Capabilities: `text_encoder` (the text
+  transformer, for text-to-image) and `features` (L2-normalised image embeddings and
+  the caption embeddings in the same space, for CLIP score)."""
   _check(config, info)
   net = model(config)
   tx, sched = optim.make(config.optim, config.train.num_steps)
 
-  def loss_fn(params, batch, keys, dropout_key, axis_name=None):
-    del keys, dropout_key  # deterministic: no noise, no dropout
+  def init(key):
+    images = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
+    tokens = jnp.zeros((1, config.text.max_length), jnp.int32)
+    return step_lib.init_state(players, net.init(key, images, tokens)["params"])
+
+  def loss(params, batch, keys, ctx):
+    del keys  # deterministic: no noise, no dropout
     if "tokens" not in batch:
       raise ValueError("config.task='clip' needs batches with 'tokens'; build the "
-                       "iterator with text=data.text_options(config)")
+                       "iterator with text=task.text")
     img, txt, scale, bias = net.apply({"params": params}, batch["image"], batch["tokens"])
-    img, txt, labels = (_gather(x, axis_name) for x in (img, txt, batch["label"]))
-    loss = contrastive.loss(config.clip.loss, img, txt, scale, bias)
+    img, txt, labels = (_gather(x, ctx.axis_name) for x in (img, txt, batch["label"]))
+    value = contrastive.loss(config.clip.loss, img, txt, scale, bias)
     sim = contrastive.similarity_logits(img, txt, 1.0)
     metrics = dict(contrastive.retrieval_accuracy(sim, labels), logit_scale=scale)
     if config.clip.loss == "siglip":
       metrics["logit_bias"] = bias
-    return loss, metrics
+    return value, (metrics, params)
 
-  def step(state, batch, key, axis_name=None):
-    body = step_lib.make_train_step(functools.partial(loss_fn, axis_name=axis_name), tx,
-                                    sched, ema_decay=config.train.ema_decay)
-    return body(state, batch, key, axis_name)
-  return step
+  def image_features(params, images):
+    emb = clip_net.encode_image(config, params, images)
+    return jnp.zeros((images.shape[0], 1), jnp.float32), emb
+
+  players = (Player(loss=loss, tx=tx, schedule=sched, ema_decay=config.train.ema_decay,
+                    mask=optim.trainable(config.optim.trainable)),)
+  return Task(
+      init=init, players=players, text=data.text_options(config),
+      features=Features(image=image_features,
+                        text=lambda p, t: clip_net.encode_text(config, p, t)[2],
+                        max_length=config.text.max_length),
+      text_encoder=TextEncoder(encode=lambda p, t: clip_net.encode_text(config, p, t),
+                               max_length=config.text.max_length))
 
 
 def embed_fns(config):
@@ -139,38 +144,27 @@ def zero_shot_accuracy(config, info, params, images, labels, *, num_classes: int
   return float(np.mean(np.argmax(img @ txt.T, axis=1) == np.asarray(labels)))
 
 
-def load_encoder(workdir: str, step: int | None = None, use_ema: bool = True):
-  """A finished clip run → (its config, its parameters), for
-  `nets.clip.encode_text(config, params, tokens)` (e.g. config.text.clip_workdir)."""
-  from diffusion_jax.training import generate  # generate imports the task registry
-  config, _, state, _, _ = generate.load_run(workdir, step)
-  if config.task != "clip":
-    raise ValueError(f"{workdir} is a config.task={config.task!r} run, not a clip run")
-  return config, jax.device_get(state.ema_params if use_ema else state.params)
-
-
 def evaluate_run(workdir: str, *, split: str = "test", data_dir: str | None = None,
                  step: int | None = None, use_ema: bool = True, seed: int = 0) -> dict:
   """Held-out retrieval of a clip run's checkpoint on `split` of its dataset: the
-  `retrieval_accuracy` numbers, `zero_shot` (digit datasets: captions from labels) and
+  `retrieval_accuracy` numbers, `zero_shot` (datasets captioned by labels) and
   `chance` (1 / classes for the class-level numbers), with `step` and `num_examples`.
   Captions of the embedded digits use templates drawn from `seed`."""
-  from diffusion_jax import data
-  from diffusion_jax.training import generate
-  config, info, state, _, step = generate.load_run(workdir, step)
+  comp = runs.load(workdir, step=step, params="ema" if use_ema else "raw")
+  config, info = comp.config, comp.info
   if config.task != "clip":
     raise ValueError(f"{workdir} is a config.task={config.task!r} run, not a clip run")
-  params = jax.device_get(state.ema_params if use_ema else state.params)
+  params = jax.device_get(comp.params)
   images, labels, tokens = data.load_text_arrays(
       config.data.name, split, data_dir or config.data.data_dir,
-      text=data.text_options(config, force=True), image_size=config.data.image_size or None,
+      text=data.text_options(config), image_size=config.data.image_size or None,
       seed=seed)
   results = retrieval_accuracy(config, info, params, images, tokens,
                                labels if info.num_classes else None)
-  if config.data.name in data.EMBEDDED:
+  if info.label_captions:
     results["zero_shot"] = zero_shot_accuracy(config, info, params, images, labels,
                                               num_classes=info.num_classes)
   if info.num_classes:
     results["chance"] = 1.0 / info.num_classes
-  return dict(results, step=int(step), split=split, num_examples=int(len(images)),
+  return dict(results, step=comp.step, split=split, num_examples=int(len(images)),
               ema=use_ema)

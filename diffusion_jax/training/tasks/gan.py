@@ -4,7 +4,9 @@ One compiled step does `config.gan.d_steps` = k discriminator updates, then one
 generator update (Goodfellow et al. 2014, Algorithm 1), with the loss of
 `config.gan.loss` (`losses/gan.py`) and optional WGAN-GP / R1 penalties.
 
-State: the one `TrainState` pytree of every task, laid out for two players:
+Two players of the generic step (`training/step.py`): the discriminator (k updates
+on interleaved slices of the batch, no EMA) then the generator (one update, with an
+EMA). State: the one `TrainState` pytree of every task, laid out for two players:
 
     params     {"generator": G's variables, "discriminator": D's variables}
     ema_params {"generator": EMA of G's "params", with G's current "batch_stats"}
@@ -35,13 +37,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from diffusion_jax.losses import gan as gan_losses
 from diffusion_jax.nets import gan as gan_nets
 from diffusion_jax.training import optim, step as step_lib
-from diffusion_jax.training.state import TrainState, ema_update
-from diffusion_jax.training.tasks.diffusion import class_grid_labels, num_classes
+from diffusion_jax.training.tasks.base import Generator, Player, Task, class_grid_labels, refuse
 
 _Z, _EPS, _NOISE = 0, 1, 2  # fold-in constants: latent z, GP interpolation ε, G's noise
 
@@ -75,58 +75,55 @@ def _noise_keys(keys, salt: int):
   return jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, _NOISE), salt))(keys)
 
 
-def init(config, key, info) -> TrainState:
-  g, d = networks(config, info)
-  kg, kd = jax.random.split(key)
-  labels = jnp.zeros((1,), jnp.int32)
-  z = jnp.zeros((1, config.gan.latent_dim), jnp.float32)
-  g_vars = g.init(kg, z, labels, keys=jax.random.split(kg, 1), train=False)
-  d_vars = d.init(kd, jnp.zeros((1,) + tuple(info.image_shape), jnp.float32), labels,
-                  train=False)
-  (tx_g, _), (tx_d, _) = optimizers(config)
-  return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params={"generator": dict(g_vars), "discriminator": dict(d_vars)},
-      ema_params={"generator": jax.tree.map(jnp.copy, dict(g_vars))},
-      opt_state={"generator": tx_g.init(g_vars["params"]),
-                 "discriminator": tx_d.init(d_vars["params"])})
+def _apply_train(net, variables, *args, **kw):
+  """net in training mode → (output, variables with updated BatchNorm statistics)."""
+  out, updates = net.apply(variables, *args, train=True, mutable=["batch_stats"], **kw)
+  return out, dict(variables, **updates)
 
 
-def _apply_train(net, variables, params, *args, **kw):
-  """net in training mode with `params` → (output, variables with updated stats)."""
-  out, updates = net.apply(dict(variables, params=params), *args, train=True,
-                           mutable=["batch_stats"], **kw)
-  return out, dict(variables, params=params, **updates)
+def _check(config):
+  g, k = config.gan, config.gan.d_steps
+  if g.d_norm == "batch" and (g.gp_weight or g.r1_weight):
+    raise ValueError("config.gan.d_norm='batch' with config.gan.gp_weight / r1_weight: a "
+                     "gradient penalty is per example, BatchNorm mixes the batch; use "
+                     "d_norm='layer' or 'none'")
+  if config.data.batch_size % k:
+    raise ValueError(f"config.data.batch_size={config.data.batch_size} must divide by "
+                     f"config.gan.d_steps={k} (one slice of the batch per update)")
+  if config.optim.trainable:
+    raise ValueError("config.optim.trainable: the gan task trains both players whole")
 
 
-def _interleaved(x, k: int, i: int):
-  """Examples j ≡ i (mod k) of x [B, ...] → [B/k, ...]."""
-  return x.reshape((x.shape[0] // k, k) + x.shape[1:])[:, i]
-
-
-def train_step(config, info):
-  """step(state, batch, key, axis_name=None) -> (state, metrics). batch: "image"
-  [B,H,W,C], "label" [B]; B must divide by gan.d_steps × devices. Metrics: d_loss,
-  g_loss (each with its penalties), loss = d_loss + g_loss, d_real / d_fake (mean
-  D(x) = σ(l(x)) on real and generated data of the last discriminator update; for
-  wgan the mean logit), gp, r1, grad norms, lr, nonfinite."""
+def make(config, info) -> Task:
+  """Batches: "image" [B,H,W,C], "label" [B]. Metrics: d_loss, g_loss (each with its
+  penalties), loss = d_loss + g_loss, d_real / d_fake (mean D(x) = σ(l(x)) on real and
+  generated data of the last discriminator update; for wgan the mean logit), gp, r1,
+  grad norms, lr (the generator's), nonfinite. Capability: `generator` (one pass of
+  the EMA or raw generator; latent interpolation strips)."""
+  _check(config)
   g_net, d_net = networks(config, info)
-  (tx_g, sched_g), (tx_d, _) = optimizers(config)
+  (tx_g, sched_g), (tx_d, sched_d) = optimizers(config)
   gc, k = config.gan, config.gan.d_steps
   kind = gc.loss
   prob = (lambda l: jnp.mean(l)) if kind == "wgan" else (lambda l: jnp.mean(jax.nn.sigmoid(l)))
 
-  def generate(g_vars, g_params, keys, labels, salt):
+  def fake_batch(g_vars, keys, labels, salt):
     z = latents(config, keys, salt)
-    return _apply_train(g_net, g_vars, g_params, z, labels, keys=_noise_keys(keys, salt))
+    return _apply_train(g_net, g_vars, z, labels, keys=_noise_keys(keys, salt))
 
-  def d_loss_fn(d_params, d_vars, g_vars, real, labels, keys, i):
-    fake, _ = generate(g_vars, g_vars["params"], keys, labels, i)  # G's stats: unchanged
+  def d_loss(params, batch, keys, ctx):
+    if ctx.axis_name is not None and any("batch_stats" in v for v in params.values()):
+      raise ValueError("the gan task with BatchNorm runs under jit (global-batch "
+                       "statistics); under pmap each device would normalise by its own "
+                       "slice. Use the jit path, or config.gan.d_norm / generator without it")
+    real, labels, i = batch["image"], batch["label"].astype(jnp.int32), ctx.update
+    fake, _ = fake_batch(params["generator"], keys, labels, i)  # G's stats: unchanged
     fake = jax.lax.stop_gradient(fake)
-    real_logits, d_vars = _apply_train(d_net, d_vars, d_params, real, labels)
-    fake_logits, d_vars = _apply_train(d_net, d_vars, d_params, fake, labels)
+    d_vars = params["discriminator"]
+    real_logits, d_vars = _apply_train(d_net, d_vars, real, labels)
+    fake_logits, d_vars = _apply_train(d_net, d_vars, fake, labels)
     loss = gan_losses.discriminator_loss(kind, real_logits, fake_logits)
-    logits = lambda x: d_net.apply(dict(d_vars, params=d_params), x, labels, train=True)
+    logits = lambda x: d_net.apply(d_vars, x, labels, train=True)
     gp = r1 = jnp.zeros(())
     if gc.gp_weight:
       eps = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, _EPS + i)))(keys)
@@ -134,61 +131,62 @@ def train_step(config, info):
     if gc.r1_weight:
       r1 = gan_losses.r1_penalty(logits, real)
     loss = loss + gc.gp_weight * gp + 0.5 * gc.r1_weight * r1
-    return loss, (d_vars, dict(d_real=prob(real_logits), d_fake=prob(fake_logits), gp=gp, r1=r1))
+    metrics = dict(d_real=prob(real_logits), d_fake=prob(fake_logits), gp=gp, r1=r1)
+    return loss, (metrics, dict(params, discriminator=d_vars))
 
-  def g_loss_fn(g_params, g_vars, d_vars, labels, keys):
-    fake, g_vars = generate(g_vars, g_params, keys, labels, k)
+  def g_loss(params, batch, keys, ctx):
+    labels = batch["label"].astype(jnp.int32)
+    fake, g_vars = fake_batch(params["generator"], keys, labels, k)
     # D in training mode (batch statistics of this batch, as in the D updates); its
     # running statistics are not updated by the generator's pass.
-    logits, _ = _apply_train(d_net, d_vars, d_vars["params"], fake, labels)
-    return gan_losses.generator_loss(kind, logits), g_vars
+    logits, _ = _apply_train(d_net, params["discriminator"], fake, labels)
+    return gan_losses.generator_loss(kind, logits), ({}, dict(params, generator=g_vars))
 
-  def mean(tree, axis_name):
-    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+  players = (
+      Player(loss=d_loss, tx=tx_d, schedule=sched_d, name="discriminator",
+             optimized="params", updates=k, prefix="d"),
+      Player(loss=g_loss, tx=tx_g, schedule=sched_g, name="generator", optimized="params",
+             prefix="g", ema_decay=config.train.ema_decay))
 
-  def step(state, batch, key, axis_name=None):
-    if axis_name is not None and any("batch_stats" in v for v in state.params.values()):
-      raise ValueError("the gan task with BatchNorm runs under jit (global-batch "
-                       "statistics); under pmap each device would normalise by its own "
-                       "slice. Use the jit path, or config.gan.d_norm / generator without it")
-    real, labels = batch["image"], batch["label"].astype(jnp.int32)
-    b = real.shape[0]
-    if b % k:
-      raise ValueError(f"the per-device batch {b} must divide by config.gan.d_steps={k}")
-    keys = step_lib.example_keys(key, b, axis_name)
-    g_vars, d_vars = state.params["generator"], state.params["discriminator"]
-    d_opt = state.opt_state["discriminator"]
-    finite = jnp.array(True)
-    for i in range(k):  # k is static: unrolled
-      (d_loss, (new_d_vars, d_metrics)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
-          d_vars["params"], d_vars, g_vars, _interleaved(real, k, i),
-          _interleaved(labels, k, i), _interleaved(keys, k, i), i)
-      d_loss, d_metrics, d_grads = mean((d_loss, d_metrics, d_grads), axis_name)
-      updates, d_opt = tx_d.update(d_grads, d_opt, d_vars["params"])
-      d_vars = dict(new_d_vars, params=optax.apply_updates(d_vars["params"], updates))
-      finite &= step_lib.all_finite(d_loss, d_grads)
-    (g_loss, new_g_vars), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(
-        g_vars["params"], g_vars, d_vars, labels, keys)
-    g_loss, g_grads = mean((g_loss, g_grads), axis_name)
-    updates, g_opt = tx_g.update(g_grads, state.opt_state["generator"], g_vars["params"])
-    g_vars = dict(new_g_vars, params=optax.apply_updates(g_vars["params"], updates))
-    finite &= step_lib.all_finite(g_loss, g_grads)
-    ema_g = dict(g_vars, params=ema_update(state.ema_params["generator"]["params"],
-                                           g_vars["params"], config.train.ema_decay,
-                                           state.step))
-    new = (dict(generator=g_vars, discriminator=d_vars), dict(generator=ema_g),
-           dict(generator=g_opt, discriminator=d_opt))
-    old = (state.params, state.ema_params, state.opt_state)
-    # A non-finite loss or gradient anywhere in the step: keep the old state (the
-    # generic step's rule), in one conditional.
-    params, ema, opt_state = jax.lax.cond(finite, lambda: new, lambda: old)
-    metrics = dict(d_metrics, d_loss=d_loss, g_loss=g_loss, loss=d_loss + g_loss,
-                   grad_norm_d=optax.tree.norm(d_grads), grad_norm_g=optax.tree.norm(g_grads),
-                   lr=sched_g(state.step), nonfinite=1 - finite.astype(jnp.int32))
-    return state.replace(step=state.step + 1, params=params, ema_params=ema,
-                         opt_state=opt_state), metrics
+  def init(key):
+    kg, kd = jax.random.split(key)
+    labels = jnp.zeros((1,), jnp.int32)
+    z = jnp.zeros((1, config.gan.latent_dim), jnp.float32)
+    g_vars = g_net.init(kg, z, labels, keys=jax.random.split(kg, 1), train=False)
+    d_vars = d_net.init(kd, jnp.zeros((1,) + tuple(info.image_shape), jnp.float32), labels,
+                        train=False)
+    return step_lib.init_state(players, {"generator": dict(g_vars),
+                                         "discriminator": dict(d_vars)})
 
-  return step
+  g = generator_fn(config, info)
+
+  def sample(*, sampler=None, num_steps=None, guidance=None, strength=1.0, classifier=None):
+    """sample_fn(tree, cond, keys [N]) -> (x [N,H,W,C], 1): one generator pass with
+    z_i = N(fold_in(keys[i], 0)) and labels cond["label"]. A GAN has no sampler, steps,
+    guidance, SDEdit strength or classifier guidance: asking for any of them (a value
+    other than config.sample's, which evaluation passes through) is an error."""
+    s = config.sample
+    refuse("a config.task='gan' run generates in one pass",
+           sampler=sampler not in (None, s.sampler), steps=num_steps not in (None, s.num_steps),
+           guidance=guidance not in (None, s.guidance), strength=strength != 1.0,
+           **{"classifier guidance": classifier is not None})
+
+    def sample_fn(tree, cond, keys):
+      return g(tree, latents(config, keys, _Z), cond["label"], _noise_keys(keys, _Z)), 1
+    return sample_fn
+
+  def conditioning(labels, *, prompts=None, images=None, mask=None):
+    refuse("a config.task='gan' run takes no inputs", prompts=prompts is not None,
+           **{"input images": images is not None, "inpainting": mask is not None})
+    return {"label": np.asarray(labels, np.int32)}
+
+  ncls = info.num_classes if config.model.class_conditional else 0
+  generator = Generator(
+      sample=sample, conditioning=conditioning, num_classes=ncls,
+      grid=lambda: ({"label": class_grid_labels(ncls, config.sample.per_class)}, ncls or 8),
+      interpolate=lambda tree, key, labels, num_points, method="linear": interpolate(
+          config, info, tree, key, labels, num_points, method))
+  return Task(init=init, players=players, generator=generator)
 
 
 def generator_fn(config, info):
@@ -200,40 +198,6 @@ def generator_fn(config, info):
   def g(tree, z, labels, keys=None):
     return g_net.apply(tree["generator"], z, labels, keys=keys, train=False)
   return g
-
-
-def sample(config, info, *, sampler: str | None = None, num_steps: int | None = None,
-           guidance: float | None = None, strength: float = 1.0, classifier=None):
-  """sample_fn(tree, cond, keys [N]) -> (x [N,H,W,C], 1): one generator pass with
-  z_i = N(fold_in(keys[i], 0)) and labels cond["label"]. A GAN has no sampler, steps,
-  guidance, SDEdit strength or classifier guidance: asking for any of them (a value
-  other than config.sample's, which evaluation passes through) is an error."""
-  s = config.sample
-  asked = {"sampler": sampler not in (None, s.sampler),
-           "steps": num_steps not in (None, s.num_steps),
-           "guidance": guidance not in (None, s.guidance), "strength": strength != 1.0,
-           "classifier guidance": classifier is not None}
-  asked = [name for name, on in asked.items() if on]
-  if asked:
-    raise ValueError(f"a config.task='gan' run generates in one pass: {', '.join(asked)} "
-                     "do not apply")
-  g = generator_fn(config, info)
-
-  def sample_fn(tree, cond, keys):
-    return g(tree, latents(config, keys, _Z), cond["label"], _noise_keys(keys, _Z)), 1
-  return sample_fn
-
-
-def conditioning(config, info, labels, prompts=None) -> dict:
-  if prompts is not None:
-    raise ValueError("a config.task='gan' run takes no prompts")
-  return {"label": np.asarray(labels, np.int32)}
-
-
-def grid_conditioning(config, info):
-  """(cond, rows): one row of sample.per_class per class (8 × 8 unconditional)."""
-  ncls = num_classes(config, info)
-  return {"label": class_grid_labels(ncls, config.sample.per_class)}, (ncls or 8)
 
 
 def slerp(z0, z1, s):
