@@ -55,6 +55,15 @@ def read(workdir: str, step: int | None = None):
   return config_lib.from_json(meta["config"]), dataset_info(meta), step
 
 
+def metadata(config, info: data.DatasetInfo) -> dict:
+  """What a checkpoint says about itself (the training loop saves it with every
+  checkpoint): the config and the dataset's info. `read` is its inverse."""
+  return {"config": config_lib.to_json(config),
+          "dataset": {"image_shape": list(info.image_shape), "num_classes": info.num_classes,
+                      "num_examples": info.num_examples, "kind": info.kind,
+                      "label_captions": info.label_captions}}
+
+
 def dataset_info(meta: dict) -> data.DatasetInfo:
   """The DatasetInfo recorded in a checkpoint's metadata."""
   d = meta["dataset"]

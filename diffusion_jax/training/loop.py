@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from diffusion_jax import checkpoint, config as config_lib, data, io, parallel, writers
+from diffusion_jax import checkpoint, config as config_lib, data, io, parallel, runs, writers
 from diffusion_jax.training import generate, step as step_lib, tasks
 
 
@@ -96,10 +96,7 @@ def _train(config, workdir, devices, preemption, make_evaluator):
   shardings = parallel.state_shardings(mesh, abstract, config.mesh)
   mngr = checkpoint.manager(workdir, max_to_keep=config.train.keep_checkpoints,
                             async_save=config.train.async_checkpointing)
-  meta = {"config": config_lib.to_json(config),
-          "dataset": {"image_shape": list(info.image_shape), "num_classes": info.num_classes,
-                      "num_examples": info.num_examples, "kind": info.kind,
-                      "label_captions": info.label_captions}}
+  meta = runs.metadata(config, info)
   data_iter = data.make_train_iterator(config.data, seed=config.seed, text=task.text)
 
   latest = mngr.latest_step()
