@@ -284,11 +284,20 @@ def to_json(config) -> str:
   return config.to_json_best_effort(indent=2, sort_keys=True)
 
 
+# Keys renamed since runs were first written (old name → new name): saved configs of
+# older runs are read under the new names.
+RENAMED = {"sample.ddim_eta": "sample.ddim.eta", "sample.ddpm_variance": "sample.ddpm.variance",
+           "sample.pc_snr": "sample.pc.snr", "sample.pc_corrector_steps": "sample.pc.corrector_steps",
+           "sample.edm_churn": "sample.edm.s_churn"}
+
+
 def from_json(text: str) -> ml_collections.ConfigDict:
-  """Inverse of `to_json`, merged onto `base()` so the result has every key."""
+  """Inverse of `to_json`, merged onto `base()` so the result has every key (keys of
+  `RENAMED` are read under their new names)."""
   c = base()
   c.unlock()
-  c.update_from_flattened_dict(_flatten(json.loads(text)))
+  flat = {RENAMED.get(k, k): v for k, v in _flatten(json.loads(text)).items()}
+  c.update_from_flattened_dict(flat)
   c.lock()
   return c
 

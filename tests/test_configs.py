@@ -134,3 +134,18 @@ def test_train_a_shipped_config_by_name_outside_the_checkout(tmp_path, data_dir)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert os.listdir(w / "checkpoints") == ["1"]
   assert os.listdir(w / "samples") == ["step_0000001.png"]
+
+
+def test_saved_configs_with_renamed_keys_still_read():
+  """A run saved before the sampler options moved to config.sample.<sampler> reads
+  under the new names (config.RENAMED)."""
+  import json
+  from diffusion_jax import config as config_lib
+  saved = json.loads(config_lib.to_json(config_lib.base()))
+  for section in ("ddim", "ddpm", "pc", "edm"):
+    del saved["sample"][section]
+  saved["sample"].update(ddim_eta=0.5, ddpm_variance="large", pc_snr=0.2,
+                         pc_corrector_steps=3, edm_churn=10.0)
+  c = config_lib.from_json(json.dumps(saved))
+  assert (c.sample.ddim.eta, c.sample.ddpm.variance, c.sample.pc.snr,
+          c.sample.pc.corrector_steps, c.sample.edm.s_churn) == (0.5, "large", 0.2, 3, 10.0)
