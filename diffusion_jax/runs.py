@@ -25,6 +25,8 @@ from jax.sharding import Mesh
 
 from diffusion_jax import checkpoint, config as config_lib, data, parallel
 
+__all__ = ["PARAMS", "Component", "dataset_info", "load", "metadata", "read"]
+
 PARAMS = {"ema": "ema_params", "raw": "params"}
 
 

@@ -1,5 +1,14 @@
-"""The mathematics of Gaussian diffusion and flows, in plain jax.numpy (no Flax)."""
-from diffusion_jax.diffusion import losses, paths, predictions, time_sampling
+"""The mathematics of Gaussian diffusion and flows, in plain jax.numpy (no Flax).
+
+    paths          Path: x_t = a(t)·x + b(t)·z (flow, DDPM, VP/sub-VP/VE SDEs, EDM);
+                   paths.from_config(config.diffusion)
+    predictions    targets c(t)·x + d(t)·z (x, ε, v, velocity, score, EDM) and the exact
+                   conversions (to_x0_eps, velocity); loss weights
+    time_sampling  t distributions of training
+    losses         the denoising loss
+    likelihood     posterior, the DDPM variational bound, PF-ODE NLL, bits/dim
+"""
+from diffusion_jax.diffusion import likelihood, losses, paths, predictions, time_sampling
 from diffusion_jax.diffusion.paths import Path
 
-__all__ = ["Path", "losses", "paths", "predictions", "time_sampling"]
+__all__ = ["Path", "likelihood", "losses", "paths", "predictions", "time_sampling"]

@@ -1,22 +1,55 @@
-"""Stateless flax.linen networks."""
-import jax.numpy as jnp
+"""Stateless flax.linen networks, and their builders from config.model.
 
-from diffusion_jax.nets import dit
-from diffusion_jax.nets import gan  # noqa: F401  (nets.gan)
+    UNet, DiT, Classifier      the denoisers and the noise-conditional classifier
+    build_denoiser / build_dit / build_classifier (config.model, ...) -> nn.Module
+    unet, dit, classifier, layers, gan, clip, inception, vgg, lpips, torch_weights
+
+`clip` (the CLIP dual encoder) is imported on first use: it reads the tokenizer's
+constants from `data.text`, and with it the data package (TFDS, grain), which the other
+networks do not need.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jax.typing import DTypeLike
+
+from diffusion_jax.nets import (classifier, dit, gan, inception, layers, lpips, torch_weights,
+                                unet, vgg)
 from diffusion_jax.nets.classifier import Classifier
+from diffusion_jax.nets.dit import DiT
 from diffusion_jax.nets.unet import UNet
+
+if TYPE_CHECKING:
+  from ml_collections import ConfigDict
+
+  from diffusion_jax.nets import clip
+
+__all__ = ["DTYPES", "Classifier", "DiT", "UNet", "build_classifier", "build_denoiser",
+           "build_dit", "classifier", "clip", "dit", "dit_size", "dtype", "gan", "inception",
+           "layers", "lpips", "torch_weights", "unet", "unet_options", "vgg"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def dtype(name: str, key: str = "model.dtype"):
+def __getattr__(name: str) -> ModuleType:
+  if name == "clip":  # imported on first use (see the module docstring)
+    return importlib.import_module(f"{__name__}.clip")
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def dtype(name: str, key: str = "model.dtype") -> DTypeLike:
   """Config dtype name → jnp dtype, with an error naming the key."""
   if name not in DTYPES:
     raise ValueError(f"{key}={name!r}: expected one of {sorted(DTYPES)}")
   return DTYPES[name]
 
 
-def build_denoiser(model_cfg, out_channels: int, num_classes: int):
+def build_denoiser(model_cfg: ConfigDict, out_channels: int, num_classes: int) -> nn.Module:
   """config.model → a denoiser network (x, t, labels, train=) -> prediction."""
   if model_cfg.name == "unet":
     return UNet(out_channels=out_channels, channels=model_cfg.channels,
@@ -30,7 +63,7 @@ def build_denoiser(model_cfg, out_channels: int, num_classes: int):
   raise ValueError(f"model.name={model_cfg.name!r}: expected one of ['unet', 'dit']")
 
 
-def dit_size(model_cfg) -> dict:
+def dit_size(model_cfg: ConfigDict) -> dict:
   """hidden_size, depth, num_heads, patch_size: from model.variant ('XL/2') when set,
   else from the keys of the same names."""
   if model_cfg.variant:
@@ -39,7 +72,7 @@ def dit_size(model_cfg) -> dict:
               num_heads=model_cfg.num_heads, patch_size=model_cfg.patch_size)
 
 
-def build_dit(model_cfg, out_channels: int, num_classes: int):
+def build_dit(model_cfg: ConfigDict, out_channels: int, num_classes: int) -> dit.DiT:
   return dit.DiT(out_channels=out_channels, mlp_ratio=model_cfg.mlp_ratio,
                  num_classes=num_classes, text_attention=model_cfg.text_attention,
                  scan=model_cfg.scan, remat=model_cfg.remat,
@@ -47,7 +80,7 @@ def build_dit(model_cfg, out_channels: int, num_classes: int):
                  param_dtype=dtype(model_cfg.param_dtype), **dit_size(model_cfg))
 
 
-def build_classifier(model_cfg, num_classes: int):
+def build_classifier(model_cfg: ConfigDict, num_classes: int) -> Classifier:
   """config.model → the noise-conditional classifier (the U-Net's encoder half, same
   size keys) (x, t, train=, features=) -> logits [B, num_classes] or features."""
   if not num_classes:
@@ -61,7 +94,7 @@ def build_classifier(model_cfg, num_classes: int):
                     **unet_options(model_cfg))
 
 
-def unet_options(model_cfg) -> dict:
+def unet_options(model_cfg: ConfigDict) -> dict:
   """The U-Net / classifier block options of config.model (ADM / DDPM switches,
   remat, attention implementation, dtypes)."""
   if model_cfg.attention_impl == "cudnn" and model_cfg.dtype == "float32":

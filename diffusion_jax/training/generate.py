@@ -14,6 +14,8 @@ from diffusion_jax.diffusion import paths
 from diffusion_jax.training import tasks
 from diffusion_jax.training.tasks.base import Generator, Guide
 
+__all__ = ["compile_sampler", "generate", "generator_of", "resolve_labels", "sample_run"]
+
 
 def compile_sampler(sample_fn):
   """jit of (params, cond, indices [N], key, *extra) -> images, keys derived per index."""

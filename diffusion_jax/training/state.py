@@ -12,7 +12,7 @@ import jax.numpy as jnp
 class TrainState:
   """step: int32 scalar; params / ema_params: the task's parameters and their
   exponential moving average; opt_state: the optax state. Tasks with several players
-  hold a dict per player in each (`step.init_state`). Randomness is not stored: a
+  hold a dict per player in each (`state.init_state`). Randomness is not stored: a
   step's key is fold_in(root_key(seed), step)."""
   step: jax.Array
   params: Any
@@ -25,3 +25,25 @@ def ema_update(ema, params, decay: float, step):
   warm-up of TF's ExponentialMovingAverage, so short runs are not dominated by init."""
   d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
   return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+
+
+def init_state(players, params) -> TrainState:
+  """The initial TrainState of `players` over `params` (the whole variables tree):
+  each player's optimizer state over its optimised parameters (frozen ones get none:
+  see `optim.make`), and an EMA copy of each player that keeps one. Single-player
+  tasks (name None) hold the tree itself in params, ema_params and opt_state;
+  multi-player tasks a dict per player name."""
+  players = tuple(players)
+  if len(players) == 1 and players[0].name is None:
+    p = players[0]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      ema_params=jax.tree.map(jnp.copy, params) if p.ema_decay is not None else {},
+                      opt_state=p.tx.init(params if p.optimized is None else params[p.optimized]))
+  if any(p.name is None for p in players):
+    raise ValueError("every player of a multi-player task needs a name")
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      ema_params={p.name: jax.tree.map(jnp.copy, params[p.name]) for p in players
+                  if p.ema_decay is not None},
+      opt_state={p.name: p.tx.init(params[p.name] if p.optimized is None
+                                           else params[p.name][p.optimized]) for p in players})

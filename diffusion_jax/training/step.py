@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffusion_jax.training.state import TrainState, ema_update
+from diffusion_jax.training.state import ema_update
 from diffusion_jax.training.tasks.base import Player, StepContext
 
 _DROPOUT_SALT = 0x7FFFFFFF  # a fold-in constant distinct from any example index
@@ -150,23 +150,3 @@ def make_train_step(task):
                          opt_state=opt_state), metrics
   return step
 
-
-def init_state(players, params) -> TrainState:
-  """The initial TrainState of `players` over `params` (the whole variables tree):
-  each player's optimizer state over its optimised parameters (frozen ones get none:
-  see `optim.make`), and an EMA copy of each player that keeps one. Single-player
-  tasks (name None) hold the tree itself in params, ema_params and opt_state;
-  multi-player tasks a dict per player name."""
-  players = tuple(players)
-  if len(players) == 1 and players[0].name is None:
-    p = players[0]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      ema_params=jax.tree.map(jnp.copy, params) if p.ema_decay is not None else {},
-                      opt_state=p.tx.init(_get(params, p.optimized)))
-  if any(p.name is None for p in players):
-    raise ValueError("every player of a multi-player task needs a name")
-  return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params,
-      ema_params={p.name: jax.tree.map(jnp.copy, params[p.name]) for p in players
-                  if p.ema_decay is not None},
-      opt_state={p.name: p.tx.init(_get(params, p.name, p.optimized)) for p in players})

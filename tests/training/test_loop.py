@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, assert_trees_equal, load_state, run_cli, tiny_config
 from diffusion_jax import config as config_lib, data
-from diffusion_jax.training import loop, optim, step as step_lib, tasks
+from diffusion_jax.training import loop, optim, state as state_lib, step as step_lib, tasks
 import diffusion_jax_configs
 
 
@@ -28,7 +28,7 @@ def _toy_step(ema_decay, trainable=None):
                         schedule=optax.constant_schedule(0.1), ema_decay=ema_decay, mask=mask)
   task = tasks.Task(init=None, players=(player,))
   params = {"w": jnp.array(2.0), "v": jnp.array(1.0)}
-  return step_lib.make_train_step(task), step_lib.init_state(task.players, params)
+  return step_lib.make_train_step(task), state_lib.init_state(task.players, params)
 
 
 def test_nonfinite_step_is_skipped():

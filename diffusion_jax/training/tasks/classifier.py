@@ -14,7 +14,7 @@ import optax
 
 from diffusion_jax import nets
 from diffusion_jax.diffusion import losses, paths
-from diffusion_jax.training import optim, step as step_lib
+from diffusion_jax.training import optim, state as state_lib
 from diffusion_jax.training.tasks.base import Features, Guide, Player, Task
 
 
@@ -49,7 +49,7 @@ def make(config, info) -> Task:
 
   def init(key):
     x = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
-    return step_lib.init_state(players, net.init(key, x, jnp.zeros((1,)))["params"])
+    return state_lib.init_state(players, net.init(key, x, jnp.zeros((1,)))["params"])
 
   def loss(params, batch, keys, ctx):
     x0, labels = batch["image"], batch["label"]

@@ -23,7 +23,7 @@ from diffusion_jax import data, runs
 from diffusion_jax.data import text as text_lib
 from diffusion_jax.losses import contrastive
 from diffusion_jax.nets import clip as clip_net
-from diffusion_jax.training import optim, step as step_lib
+from diffusion_jax.training import optim, state as state_lib
 from diffusion_jax.training.tasks.base import Features, Player, Task, TextEncoder
 
 
@@ -56,7 +56,7 @@ def make(config, info) -> Task:
   def init(key):
     images = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
     tokens = jnp.zeros((1, config.text.max_length), jnp.int32)
-    return step_lib.init_state(players, net.init(key, images, tokens)["params"])
+    return state_lib.init_state(players, net.init(key, images, tokens)["params"])
 
   def loss(params, batch, keys, ctx):
     del keys  # deterministic: no noise, no dropout

@@ -15,7 +15,7 @@ from ml_collections import ConfigDict
 
 from diffusion_jax import data, nets, samplers
 from diffusion_jax.diffusion import losses, paths, predictions
-from diffusion_jax.training import optim, step as step_lib
+from diffusion_jax.training import optim, state as state_lib
 from diffusion_jax.training.tasks import conditioning as cond_lib
 from diffusion_jax.training.tasks.base import Generator, Likelihood, Player, Task
 
@@ -63,7 +63,7 @@ def make(config, info) -> Task:
     params = net.init(key, x, jnp.zeros((1,)), labels,
                       cond=x if config.superres.low_res else None,
                       **cond_lib.text_kwargs(text, example, labels, -1))["params"]
-    return step_lib.init_state(players, params)
+    return state_lib.init_state(players, params)
 
   def loss(params, batch, keys, ctx):
     x0 = batch["image"]

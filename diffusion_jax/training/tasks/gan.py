@@ -40,7 +40,7 @@ import numpy as np
 
 from diffusion_jax.losses import gan as gan_losses
 from diffusion_jax.nets import gan as gan_nets
-from diffusion_jax.training import optim, step as step_lib
+from diffusion_jax.training import optim, state as state_lib
 from diffusion_jax.training.tasks.base import Generator, Player, Task, class_grid_labels, refuse
 
 _Z, _EPS, _NOISE = 0, 1, 2  # fold-in constants: latent z, GP interpolation ε, G's noise
@@ -155,7 +155,7 @@ def make(config, info) -> Task:
     g_vars = g_net.init(kg, z, labels, keys=jax.random.split(kg, 1), train=False)
     d_vars = d_net.init(kd, jnp.zeros((1,) + tuple(info.image_shape), jnp.float32), labels,
                         train=False)
-    return step_lib.init_state(players, {"generator": dict(g_vars),
+    return state_lib.init_state(players, {"generator": dict(g_vars),
                                          "discriminator": dict(d_vars)})
 
   g = generator_fn(config, info)
