@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging as pylogging
 import os
+import re
 import sys
 
 from absl import flags, logging
@@ -87,6 +88,15 @@ def _resolve_config_args(argv):
   return out
 
 
+def _metric_names(arg: str) -> str:
+  """--config.eval.metrics=fd,kid,is → the tuple of those names: ml_collections reads a
+  tuple-valued flag as a Python literal, which bare names (and the keyword `is`) are not."""
+  flag, eq, value = arg.partition("=")
+  if flag.lstrip("-") == "config.eval.metrics" and eq and re.fullmatch(r"[\w\s,]*", value):
+    return f"{flag}={tuple(m.strip() for m in value.split(',') if m.strip())!r}"
+  return arg
+
+
 def parse_flags(argv):
   """absl flag parsing with config errors as one line: an unknown key in a
   `--config.a.b=...` override surfaces from ml_collections as an AttributeError.
@@ -96,6 +106,7 @@ def parse_flags(argv):
       argv = _resolve_config_args(argv)
     except ValueError as e:
       fail(e)
+  argv = [_metric_names(a) for a in argv]
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

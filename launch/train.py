@@ -11,6 +11,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from diffusion_jax import evaluation
 from diffusion_jax.training import loop
 from diffusion_jax_launch import common
 
@@ -25,7 +26,7 @@ def main(argv):
   common.start()
   try:
     os.makedirs(_WORKDIR.value, exist_ok=True)
-    loop.train(_CONFIG.value, _WORKDIR.value)
+    loop.train(_CONFIG.value, _WORKDIR.value, make_evaluator=evaluation.make_evaluator)
   except common.USER_ERRORS as e:
     common.fail(e)
 

@@ -3,20 +3,30 @@ batch by batch, push them through the feature networks inside the same compiled 
 and stream the features into the metrics of `metrics.py` (`diffusion-jax-evaluate`,
 and the training loop every `config.eval.every` steps).
 
-- Feature networks: a run of the classifier task trained on clean images (the *domain*
-  network; `configs/digits_classifier.py --config.classifier.noise_conditional=False`),
-  numbers labelled `*_domain`; and the FID Inception-v3 (`nets/inception.py`, from the
-  pytorch-fid weight file the user points at), labelled `*_inception` (fd_inception
-  is FID).
+Every setting is the run's `config.eval` (and `config.sample` for the sampler); the
+command line overrides those two sections and nothing else (`evaluate(overrides=)`).
+The model is asked only for its task's capabilities (`training/tasks/base.py`):
+`generator` for the samples, `likelihood` for bits/dim; feature networks are runs
+with the `features` capability, loaded as frozen components (`runs.load`), plus the
+FID Inception-v3 from its weight file.
+
+- Feature networks, numbers keyed by where they come from: `*_domain`
+  (config.eval.feature_workdir, e.g. a classifier run on clean images), `*_clip`
+  (config.eval.clip_workdir, default the model's config.text.clip_workdir; loaded for
+  clip_score) and `*_inception` (config.eval.inception_weights; fd_inception is FID).
+  What each network supports follows from its record (`FeatureNet`): accuracy when
+  its logits are over the model's classes, the Inception Score when they are class
+  logits, clip_score when it has a text encoder.
 - Reference statistics of a dataset split (μ, Σ as `mu`, `sigma`, the layout of the
   pytorch-fid `.npz` files, plus the feature vectors for KID and precision/recall) are
-  computed once per feature network and cached under `<feature_workdir>/ref_stats/`.
-- The data floor: the same distances between two real splits (train vs the reference
-  split), reported beside each number.
-- Resumable: after every batch the running state (moments, features, next batch) is
-  written to `<workdir>/eval/partial_<step>_<settings hash>.npz`; a rerun with the same
+  computed once per feature network and cached under its `stats_dir`.
+- The data floor: the same distances between two real splits (floor vs reference).
+- Resumable: after every batch the running state (features, next sample) is written
+  to `<workdir>/eval/partial_<step>_<settings hash>.npz`; a rerun with the same
   settings continues from it. Sample i depends only on (seed, i), so an interrupted
   evaluation ends with the same numbers as an uninterrupted one.
+- Bits/dim are `diffusion/likelihood.py`'s: the DDPM bound (`vlb_terms`) and the
+  PF-ODE of dequantised data (`bits_per_dim_dequantized`).
 """
 from __future__ import annotations
 
@@ -26,126 +36,176 @@ import os
 from typing import Any, Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from diffusion_jax import data, parallel, samplers, writers
-from diffusion_jax.diffusion import likelihood, paths, predictions
-from diffusion_jax.evaluation import metrics as metrics_lib
+from diffusion_jax import config as config_lib, data, parallel, runs, samplers, writers
 from diffusion_jax.data import text as text_lib
-from diffusion_jax.nets import clip as clip_net, inception
+from diffusion_jax.diffusion import likelihood, predictions
+from diffusion_jax.evaluation import metrics as metrics_lib
+from diffusion_jax.nets import inception
 from diffusion_jax.training import generate, tasks
 
 METRICS = ("fd", "kid", "pr", "acc", "is", "clip_score", "bpd_vlb", "bpd_ode")
-_SAMPLE_METRICS = ("fd", "kid", "pr", "acc", "is", "clip_score")
-
-
-def feature_network(feature_workdir: str, mesh):
-  """(features(params, x) -> (logits, feats), params, info, config) of a classifier run."""
-  config, info, state, _, _ = generate.load_run(feature_workdir, mesh=mesh)
-  if config.task != "classifier":
-    raise ValueError(f"--feature_workdir={feature_workdir} is a {config.task!r} run; the "
-                     "feature network must be a run of the 'classifier' task")
-  return tasks.get("classifier").features_fn(config, info), state.ema_params, info, config
+SAMPLE_METRICS = ("fd", "kid", "pr", "acc", "is", "clip_score")
+LIKELIHOOD_METRICS = ("bpd_vlb", "bpd_ode")
+OVERRIDABLE = ("eval", "sample")  # the config sections `evaluate(overrides=)` may set
 
 
 class FeatureNet(NamedTuple):
-  """A feature network: fn(params, images [B,H,W,C] in [-1, 1]) -> (logits, features)."""
-  fn: Callable
+  """A frozen feature network of the sample metrics; its numbers are `<metric>_<name>`.
+
+  image(params, x [B,H,W,C] in [-1, 1]) -> (logits [B, K], features [B, D]);
+  stats_dir: where reference statistics of real splits are cached; source: the run or
+  weight file it came from (part of the settings hash);
+  num_classes: K when the logits are over the dataset's own classes (accuracy), else 0;
+  class_logits: the logits are a classifier's over some classes (the Inception Score
+    applies: a domain classifier's, Inception's 1008), not a placeholder;
+  text(params, tokens [B, L]) -> L2-normalised embeddings in the features' space
+    (clip_score), or None; max_length: the token length `text` takes.
+  """
+  name: str
+  image: Callable
   params: Any
-  stats_dir: str        # where reference statistics of real splits are cached
-  source: str           # the classifier run or weight file it came from
-  text_fn: Callable | None = None  # clip: captions [N] -> L2-normalised embeddings [N, D]
+  stats_dir: str
+  source: str
+  num_classes: int = 0
+  class_logits: bool = False
+  text: Callable | None = None
+  max_length: int = 0
 
 
-def _inception_features(variables, images):
+def metric_names(config) -> tuple[str, ...]:
+  """config.eval.metrics as names: entries may hold several, comma-separated (what
+  `--config.eval.metrics=fd,kid` gives); unknown names are an error."""
+  names = tuple(m.strip() for entry in config.eval.metrics for m in str(entry).split(",")
+                if m.strip())
+  unknown = sorted(set(names) - set(METRICS))
+  if unknown:
+    raise ValueError(f"config.eval.metrics: unknown metrics {unknown}; expected some of "
+                     f"{list(METRICS)}")
+  return names
+
+
+def with_overrides(config, overrides: dict | None):
+  """A copy of `config` with `overrides` ({dotted key: value}, e.g.
+  {"eval.num_samples": 40, "sample.sampler": "heun"}) applied and validated. Only keys
+  of config.eval and config.sample may be set: everything else is what the run was
+  trained with."""
+  _check_sections(overrides)
+  config = config_lib.from_json(config_lib.to_json(config))
+  for key, value in (overrides or {}).items():
+    value = tuple(value) if isinstance(value, list) else value
+    try:
+      config.update_from_flattened_dict({key: value})
+    except KeyError as e:
+      raise ValueError(f"config.{key}: no such config key") from e
+    except TypeError as e:
+      raise ValueError(f"config.{key}={value!r}: {e}") from e
+  config_lib.validate(config)
+  return config
+
+
+def _check_sections(overrides: dict | None) -> None:
+  for key in overrides or {}:
+    section, dot, _ = key.partition(".")
+    if section not in OVERRIDABLE or not dot:
+      raise ValueError(f"config.{key}: evaluation overrides only config.eval.* and "
+                       "config.sample.* (the rest is what the run was trained with)")
+
+
+# ----------------------------------------------------------------------------------
+# Feature networks.
+
+
+def run_features(name: str, key: str, workdir: str, info, mesh) -> FeatureNet:
+  """The `features` capability of the run in `workdir` (its EMA parameters on `mesh`),
+  for a model of data `info`; `key` is the config key that named it (for errors).
+  Reference statistics are cached in `<workdir>/ref_stats/`."""
+  comp = runs.load(workdir, mesh=mesh)
+  features = tasks.make(comp.config, comp.info).features
+  if features is None:
+    raise ValueError(f"{key}={workdir} is a config.task={comp.config.task!r} run, which "
+                     "provides no features")
+  if tuple(comp.info.image_shape) != tuple(info.image_shape):
+    raise ValueError(f"{key}={workdir} takes {tuple(comp.info.image_shape)} images; the "
+                     f"model makes {tuple(info.image_shape)}")
+  return FeatureNet(name, features.image, comp.params, os.path.join(workdir, "ref_stats"),
+                    os.path.abspath(workdir), num_classes=features.num_classes,
+                    class_logits=features.num_classes > 0, text=features.text,
+                    max_length=features.max_length)
+
+
+def _inception_image(variables, images):
   """FID Inception-v3 (logits [B, 1008], pool [B, 2048]) of images in [-1, 1]; grayscale
   images are repeated to RGB, as FID tools do for MNIST-like data."""
   if images.shape[-1] == 1:
-    images = jnp.repeat(images, 3, axis=-1)
+    images = jax.numpy.repeat(images, 3, axis=-1)
   pool, logits = inception.InceptionV3().apply(variables, images)
   return logits, pool
 
 
-def _clip_image_features(clip_config):
-  def fn(params, images):
-    emb = clip_net.encode_image(clip_config, params, images)
-    return jnp.zeros((images.shape[0], 1), jnp.float32), emb
-  return fn
+def inception_features(weights: str, info, mesh, stats_dir: str) -> FeatureNet:
+  """The FID Inception-v3 from a pytorch-fid `.pth` or converted `.npz` weight file;
+  reference statistics in `<stats_dir>/inception/`."""
+  if not info.is_image:
+    raise ValueError(f"config.eval.inception_weights: Inception features need 1- or "
+                     f"3-channel images; the model makes {tuple(info.image_shape)} "
+                     f"{info.kind}")
+  variables = jax.device_put(inception.load_weights(weights), parallel.replicated(mesh))
+  return FeatureNet("inception", _inception_image, variables,
+                    os.path.join(stats_dir, "inception"), os.path.abspath(weights),
+                    class_logits=True)
 
 
-def feature_networks(info, workdir, mesh, *, feature_workdir=None, inception_weights=None,
-                     ref_stats_dir=None, clip_workdir=None) -> dict[str, FeatureNet]:
-  """The feature networks the sample metrics are computed in, by label: 'domain' (a
-  classifier run; reference stats in `<feature_workdir>/ref_stats/`), 'inception'
-  (the FID Inception-v3 from a pytorch-fid `.pth` or converted `.npz`; reference stats
-  in `ref_stats_dir`, default `<workdir>/eval/ref_stats/`) and 'clip' (a clip run's
-  L2-normalised image embeddings, for clip_score and fd_clip; reference stats in
-  `<clip_workdir>/ref_stats/`)."""
-  nets = {}
-  if clip_workdir:
-    clip_config, c_info, c_state, _, _ = generate.load_run(clip_workdir, mesh=mesh)
-    if clip_config.task != "clip":
-      raise ValueError(f"--clip_workdir={clip_workdir} is a {clip_config.task!r} run, not a "
-                       "run of the 'clip' task")
-    if tuple(c_info.image_shape) != tuple(info.image_shape):
-      raise ValueError(f"the clip run {clip_workdir} takes {tuple(c_info.image_shape)} "
-                       f"images; the model makes {tuple(info.image_shape)}")
-    text_params = jax.device_get(c_state.ema_params)
-    encode = jax.jit(lambda p, t: clip_net.encode_text(clip_config, p, t)[2])
-    text_fn = lambda captions: np.asarray(encode(text_params, text_lib.encode(
-        captions, clip_config.text.max_length)), np.float64)
-    nets["clip"] = FeatureNet(_clip_image_features(clip_config), c_state.ema_params,
-                              os.path.join(clip_workdir, "ref_stats"),
-                              os.path.abspath(clip_workdir), text_fn)
-  if feature_workdir:
-    fn, params, f_info, _ = feature_network(feature_workdir, mesh)
-    if tuple(f_info.image_shape) != tuple(info.image_shape):
-      raise ValueError(f"the feature network {feature_workdir} takes "
-                       f"{tuple(f_info.image_shape)} images; the model makes "
-                       f"{tuple(info.image_shape)}")
-    nets["domain"] = FeatureNet(fn, params, os.path.join(feature_workdir, "ref_stats"),
-                                os.path.abspath(feature_workdir))
-  if inception_weights:
-    if info.image_shape[-1] not in (1, 3):
-      raise ValueError(f"Inception features need 1- or 3-channel images, the model makes "
-                       f"{tuple(info.image_shape)}")
-    variables = jax.device_put(inception.load_weights(inception_weights),
-                               parallel.replicated(mesh))
-    nets["inception"] = FeatureNet(
-        _inception_features, variables,
-        os.path.join(ref_stats_dir or os.path.join(workdir, "eval", "ref_stats"), "inception"),
-        os.path.abspath(inception_weights))
-  return nets
+def feature_networks(config, info, workdir: str, mesh, metrics) -> tuple[FeatureNet, ...]:
+  """The feature networks config.eval names: feature_workdir ('domain'), clip_workdir
+  (default config.text.clip_workdir; 'clip', when clip_score is asked for) and
+  inception_weights ('inception'; reference stats in config.eval.ref_stats_dir, default
+  `<workdir>/eval/ref_stats/`)."""
+  e, nets = config.eval, []
+  if e.feature_workdir:
+    nets.append(run_features("domain", "config.eval.feature_workdir", e.feature_workdir,
+                             info, mesh))
+  clip_workdir = e.clip_workdir or config.text.clip_workdir
+  if "clip_score" in metrics and clip_workdir:
+    key = "config.eval.clip_workdir" if e.clip_workdir else "config.text.clip_workdir"
+    net = run_features("clip", key, clip_workdir, info, mesh)
+    if net.text is None:
+      raise ValueError(f"{key}={clip_workdir}: its features have no text encoder (a clip "
+                       "run's have), so it gives no clip_score")
+    nets.append(net)
+  if e.inception_weights:
+    nets.append(inception_features(e.inception_weights, info, mesh,
+                                   e.ref_stats_dir or os.path.join(workdir, "eval", "ref_stats")))
+  return tuple(nets)
 
 
-def _features_of_arrays(features, params, images, mesh, batch: int):
+def _features_of_arrays(net: FeatureNet, images, mesh, batch: int):
   """Features [N, D] of images [N, H, W, C] (numpy), batch by batch, sharded."""
-  fn = jax.jit(lambda p, x: features(p, x)[1])
+  fn = jax.jit(lambda p, x: net.image(p, x)[1])
   out = []
   for i in range(0, len(images), batch):
     x = images[i:i + batch]
     padded = parallel.padded_size(len(x), mesh)
-    out.append(parallel.to_host(fn(params, parallel.shard_padded(x, padded, mesh)))[:len(x)])
+    out.append(parallel.to_host(fn(net.params, parallel.shard_padded(x, padded, mesh)))[:len(x)])
   return np.concatenate(out).astype(np.float64)
 
 
-def reference_stats(features, params, stats_dir, data_name, split, mesh, *,
-                    data_dir=None, image_size=None, batch: int = 256) -> dict:
-  """{'mu', 'sigma', 'features'} of a real split under the feature network, cached as
-  `<stats_dir>/<data_name>_<split>[_<size>].npz` (the domain network's stats_dir:
-  `<feature_workdir>/ref_stats`)."""
+def reference_stats(net: FeatureNet, data_name: str, split: str, mesh, *, data_dir=None,
+                    image_size=None, batch: int = 256) -> dict:
+  """{'mu', 'sigma', 'features', 'path'} of a real split under the feature network,
+  cached as `<net.stats_dir>/<data_name>_<split>[_<size>].npz`. A cached file with only
+  mu and sigma (another FID tool's) gives features None."""
   tag = f"{data_name}_{split}".replace("/", "_").replace("[", "_").replace("]", "").replace(":", "-")
-  path = os.path.join(stats_dir, tag + (f"_{image_size}" if image_size else "") + ".npz")
-  if os.path.exists(path):  # (mu and sigma only: a file from another FID tool)
+  path = os.path.join(net.stats_dir, tag + (f"_{image_size}" if image_size else "") + ".npz")
+  if os.path.exists(path):
     with np.load(path) as f:
       return {"mu": f["mu"], "sigma": f["sigma"], "path": path,
               "features": f["features"] if "features" in f.files else None}
   images, _ = data.load_arrays(data_name, split, data_dir, image_size=image_size)
-  feats = _features_of_arrays(features, params, images, mesh, batch)
-  m = metrics_lib.Moments.zeros(feats.shape[1]).update(feats)
-  mu, sigma = m.mean_cov()
+  feats = _features_of_arrays(net, images, mesh, batch)
+  mu, sigma = metrics_lib.Moments.zeros(feats.shape[1]).update(feats).mean_cov()
   stats = {"mu": mu, "sigma": sigma, "features": feats.astype(np.float32)}
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -155,41 +215,40 @@ def reference_stats(features, params, stats_dir, data_name, split, mesh, *,
   return {**stats, "path": path}
 
 
-def bits_per_dim(config, info, params, images, mesh, *, method: str, num_steps: int,
-                 seed: int = 0, batch: int = 256) -> np.ndarray:
-  """Bits/dim [N] of 8-bit images [N,H,W,C] in [-1, 1] under a diffusion model:
-  'vlb' — the DDPM bound with the discretised decoder (docs/likelihood.md), summed
-  exactly over the grid (a discrete path's own T steps; a continuous path's
-  `geometric_grid(num_steps)`); 'ode' — the PF-ODE (RK4, num_steps, Hutchinson
-  divergence) of uniformly dequantised data, + D·log 127.5 nats for the 8-bit bins.
-  Class-conditional models are scored as p(x) through the null class. Example i uses
-  key fold_in(key(seed), i): independent of batch and device count."""
-  task = tasks.get(config.task)
-  net = task.network_fn(config, info)
-  path, prediction = paths.from_config(config.diffusion), config.diffusion.prediction
-  ncls = task.null_label(config, info)
-  dims = int(np.prod(info.image_shape))
+# ----------------------------------------------------------------------------------
+# Bits/dim.
+
+
+def bits_per_dim(lik: tasks.Likelihood, params, images, mesh, *, method: str,
+                 num_steps: int, seed: int = 0, batch: int = 256) -> np.ndarray:
+  """Bits/dim [N] of 8-bit images [N,H,W,C] in [-1, 1] under a model's `Likelihood`
+  (its unconditional prediction), by `diffusion/likelihood.py`:
+  'vlb' — `vlb_terms`, the DDPM bound with the discretised decoder, summed exactly
+  over the grid (a discrete path's own T steps; a continuous path's
+  `geometric_grid(num_steps)`); 'ode' — `bits_per_dim_dequantized`, the PF-ODE (RK4,
+  num_steps, Hutchinson divergence) of uniformly dequantised data in bins of 2/256,
+  + D·log 128 nats. Example i is scored alone, as a batch of one with the key
+  fold_in(key(seed), i): independent of the batch size and of the device count."""
+  path, prediction = lik.path, lik.prediction
+  dims = int(np.prod(images.shape[1:]))
 
   def one(params, x, key):
-    """Bits/dim of one image x [H,W,C] from its own key (vmapped over the batch)."""
-    x, label = x[None], jnp.full((1,), ncls, jnp.int32)  # ∅ (0: unconditional)
+    x = x[None]
     if method == "vlb":
-      x0_fn = lambda x_t, t: predictions.to_x0_eps(path, prediction, net(params, x_t, t, label),
-                                                   x_t, t)[0]
+      x0_fn = lambda x_t, t: predictions.to_x0_eps(
+          path, prediction, lik.model_fn(params, x_t, t).astype(x_t.dtype), x_t, t)[0]
       grid = None if path.discrete else likelihood.geometric_grid(num_steps)
       nats = likelihood.vlb_terms(path, x0_fn, x, key, grid=grid)["total"]
-    else:
-      den = samplers.make_denoiser(lambda a, t, y: net(params, a, t, y), path, prediction, label)
-      u = jax.random.uniform(jax.random.fold_in(key, 1), x.shape)
-      nats = likelihood.pf_ode_nll(path, den, x + (u - 0.5) * (2.0 / 255.0), key,
-                                   num_steps=num_steps) + dims * np.log(127.5)
-    return likelihood.bits_per_dim(nats, dims)[0]
+      return likelihood.bits_per_dim(nats, dims)[0]
+    denoiser = samplers.make_denoiser(lambda x_t, t, _: lik.model_fn(params, x_t, t),
+                                      path, prediction, None)
+    return likelihood.bits_per_dim_dequantized(path, denoiser, x, key, num_steps)[0]
 
-  def nll_bits(params, x, indices):
+  def scores(params, x, indices):
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(indices)
     return jax.vmap(lambda xi, k: one(params, xi, k))(x, keys)
 
-  fn = jax.jit(nll_bits)
+  fn = jax.jit(scores)
   out = []
   for i in range(0, len(images), batch):
     x = images[i:i + batch]
@@ -200,121 +259,94 @@ def bits_per_dim(config, info, params, images, mesh, *, method: str, num_steps: 
   return np.concatenate(out)
 
 
-def _compile(sample_fn, nets):
-  """jit of (params, cond, indices, key, {name: f_params}) -> {name: (logits, features)}
-  of the samples: images never leave the devices."""
-  def run(params, cond, indices, key, f_params):
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
-    images, _ = sample_fn(params, cond, keys)
-    return {name: net.fn(f_params[name], images) for name, net in nets.items()}
-  return jax.jit(run)
+# ----------------------------------------------------------------------------------
+# The evaluator.
 
 
-def _settings_hash(settings: dict) -> str:
-  return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+def evaluate(workdir: str, *, overrides: dict | None = None, step: int | None = None,
+             use_ema: bool = True, mesh=None, max_batches: int | None = None) -> dict | None:
+  """Evaluates the checkpoint `step` (default: latest) of the run in workdir with its
+  own config, `overrides` ({dotted key: value} of config.eval and config.sample, see
+  `with_overrides`) applied; writes `<workdir>/eval/<step>.json`, TensorBoard scalars
+  and eval/metrics.jsonl, and returns the results. use_ema: the EMA parameters (else
+  the trained ones). mesh: default every device. max_batches: stop generating after
+  this many batches, keeping the partial state for a later call (time-boxed or
+  preemptible jobs); returns None then. The workdir must be visible to every host."""
+  _check_sections(overrides)  # before restoring anything
+  comp = runs.load(workdir, step=step, params="ema" if use_ema else "raw", mesh=mesh)
+  config = with_overrides(comp.config, overrides)
+  evaluator = make_evaluator(config, comp.info, workdir, comp.mesh, use_ema=use_ema)
+  return evaluator(comp.step, comp.params, max_batches=max_batches)
 
 
-def evaluate(workdir: str, feature_workdir: str | None = None, *, step=None,
-             use_ema: bool = True, mesh=None, max_batches: int | None = None,
-             **settings) -> dict | None:
-  """Evaluates the checkpoint `step` (default: latest) of the run in workdir; writes
-  `<workdir>/eval/<step>.json`, TensorBoard scalars and eval/metrics.jsonl, and returns
-  the results. settings: those of `make_evaluator` (defaults: the run's config.eval).
-  max_batches: stop generating after this many batches, keeping the partial state for
-  a later call (time-boxed or preemptible jobs); returns None then. The workdir must
-  be visible to every host.
-  """
-  config, info, state, mesh, step = generate.load_run(workdir, step, mesh=mesh)
-  evaluator = make_evaluator(config, info, workdir, mesh, feature_workdir=feature_workdir,
-                             use_ema=use_ema, **settings)
-  return evaluator(step, state.ema_params if use_ema else state.params,
-                   max_batches=max_batches)
+def make_evaluator(config, info, workdir: str, mesh, *, use_ema: bool = True):
+  """evaluate(step, params, *, max_batches=None, extra=None) -> results | None for the
+  model of `config` on data `info`, writing to `<workdir>/eval/`; every setting is
+  config.eval's (the sampler config.sample's). The feature networks, the compiled
+  sampler and the reference statistics are built once, so the training loop calls it
+  every `config.eval.every` steps (`loop.train(make_evaluator=)`). extra: numbers
+  recorded beside the results (the loop's training wall time). use_ema: recorded in
+  the settings (which parameters `params` are).
 
-
-def make_evaluator(config, info, workdir: str, mesh, *, metrics=None, num_samples=None,
-                   batch_size=None, seed=None, sampler=None, num_steps=None, guidance=None,
-                   feature_workdir=None, inception_weights=None, ref_stats_dir=None,
-                   clip_workdir=None, reference_split=None, floor_split=None, data_dir=None,
-                   likelihood_images=None, likelihood_steps=None, use_ema: bool = True):
-  """evaluate(step, params, *, max_batches=None, extra=None) -> results | None for a run
-  of `config` writing to `<workdir>/eval/`. Every setting left None comes from
-  config.eval (sampler, num_steps, guidance: from config.sample). The feature network,
-  the compiled sampler and the reference statistics are built once, so the training
-  loop can call it every `config.eval.every` steps. extra: numbers recorded beside the
-  results (the loop's training wall time).
-
-  Sample metrics (fd, kid, pr, acc, is) need a feature network: `feature_workdir` (a
-  classifier run: `*_domain` numbers) and/or `inception_weights` (FID Inception-v3:
-  `*_inception`, so fd_inception is FID); samples are labelled 0..C−1 cycled.
-  clip_score: 100 · E max(cos(image embedding, caption embedding), 0) under a clip run
-  (`clip_workdir`, default config.eval.clip_workdir, else the model's own
-  config.text.clip_workdir), sample i captioned by its label (the digit caption,
-  template 0), beside `clip_score_real` of the reference split's real images.
-  bpd_vlb, bpd_ode: bits/dim of the first `likelihood_images` images of the reference
-  split (`bits_per_dim`).
+  Sample metrics (fd, kid, pr, acc, is, clip_score) need a feature network
+  (`feature_networks`); sample i is conditioned on label i mod C (C: the classes the
+  generator is conditioned on, by label or caption; `Generator.conditioning`).
+  clip_score: 100 · E max(cos(image embedding, caption embedding), 0) under each
+  feature network with a text encoder, sample i captioned by its label (template 0;
+  datasets captioned by their labels only), beside clip_score_real of the reference
+  split's real images; keyed `clip_score[_real]` (with several such networks,
+  `clip_score[_real]_<name>`). bpd_vlb, bpd_ode: bits/dim of the first
+  config.eval.likelihood_images images of the reference split (`bits_per_dim`).
   """
   e = config.eval
-  pick = lambda v, d: d if v is None else v
-  metrics = tuple(pick(metrics, e.metrics))
-  unknown = sorted(set(metrics) - set(METRICS))
-  if unknown:
-    raise ValueError(f"unknown metrics {unknown}: expected some of {list(METRICS)}")
-  task = tasks.get(config.task)
-  if not hasattr(task, "sample"):
-    raise ValueError(f"{workdir} holds a {config.task!r} run, which does not generate")
+  metrics = metric_names(config)
+  task = tasks.make(config, info)
   n_dev = mesh.devices.size
-  batch_size = max(n_dev, pick(batch_size, e.batch_size) // n_dev * n_dev)
-  s = dict(metrics=metrics, num_samples=pick(num_samples, e.num_samples), batch_size=batch_size,
-           seed=pick(seed, e.seed), sampler=pick(sampler, config.sample.sampler),
-           num_steps=pick(num_steps, config.sample.num_steps),
-           guidance=pick(guidance, config.sample.guidance),
-           reference_split=pick(reference_split, e.reference_split),
-           floor_split=pick(floor_split, e.floor_split), use_ema=use_ema,
-           likelihood_images=pick(likelihood_images, e.likelihood_images),
-           likelihood_steps=pick(likelihood_steps, e.likelihood_steps))
-  ds = dict(data_dir=data_dir or config.data.data_dir, image_size=config.data.image_size or None)
-  sample_metrics = None
-  if any(m in _SAMPLE_METRICS for m in metrics):
-    clip_workdir = pick(clip_workdir, e.clip_workdir or (
-        config.text.clip_workdir if config.text.encoder == "clip" else None))
-    if "clip_score" in metrics and not clip_workdir:
-      raise ValueError("metric clip_score needs a clip run: --clip_workdir "
-                       "(config.eval.clip_workdir)")
-    nets = feature_networks(info, workdir, mesh,
-                            feature_workdir=pick(feature_workdir, e.feature_workdir),
-                            inception_weights=pick(inception_weights, e.inception_weights),
-                            ref_stats_dir=pick(ref_stats_dir, e.ref_stats_dir),
-                            clip_workdir=clip_workdir if "clip_score" in metrics else None)
-    if not nets:
-      raise ValueError(f"metrics {[m for m in metrics if m in _SAMPLE_METRICS]} need a "
-                       "feature network: --feature_workdir (config.eval.feature_workdir, a "
-                       "classifier run) and/or --inception_weights "
-                       "(config.eval.inception_weights, FID Inception-v3 weights)")
-    sample_metrics = _sample_metrics_fn(config, info, task, workdir, nets, s, ds, mesh)
+  batch_size = max(n_dev, e.batch_size // n_dev * n_dev)
+  ds = dict(data_dir=config.data.data_dir, image_size=config.data.image_size or None)
 
-  likelihood_images = None
-  if {"bpd_vlb", "bpd_ode"} & set(metrics):  # loaded once, not at every evaluation
-    likelihood_images = data.load_arrays(config.data.name, s["reference_split"],
-                                         ds["data_dir"], image_size=ds["image_size"])[0]
-    likelihood_images = likelihood_images[:s["likelihood_images"]]
+  sample_metrics = None
+  if set(metrics) & set(SAMPLE_METRICS):
+    if task.generator is None:
+      raise ValueError(f"{workdir} holds a config.task={config.task!r} run, which "
+                       "generates nothing to evaluate")
+    nets = feature_networks(config, info, workdir, mesh, metrics)
+    if not nets:
+      raise ValueError(f"metrics {[m for m in metrics if m in SAMPLE_METRICS]} need a "
+                       "feature network: config.eval.feature_workdir (a run with features, "
+                       "e.g. a classifier) and/or config.eval.inception_weights (FID "
+                       "Inception-v3 weights)")
+    sample_metrics = _sample_metrics_fn(config, info, task.generator, workdir, nets,
+                                        metrics, batch_size, use_ema, ds, mesh)
+
+  lik_images = None
+  if set(metrics) & set(LIKELIHOOD_METRICS):
+    if task.likelihood is None:
+      raise ValueError(f"{workdir} holds a config.task={config.task!r} run without a "
+                       "likelihood: bpd_vlb and bpd_ode do not apply")
+    if info.kind != "image":
+      raise ValueError(f"bpd_vlb, bpd_ode score 8-bit images; dataset "
+                       f"{config.data.name!r} holds {info.kind}")
+    # Loaded once, not at every evaluation.
+    lik_images = data.load_arrays(config.data.name, e.reference_split, ds["data_dir"],
+                                  image_size=ds["image_size"])[0][:e.likelihood_images]
 
   def evaluate_fn(step: int, params, *, max_batches=None, extra=None):
-    results = {"checkpoint_step": step, "seed": s["seed"],
-               "reference": f"{config.data.name}:{s['reference_split']}", **(extra or {})}
+    results = {"checkpoint_step": step, "seed": e.seed,
+               "reference": f"{config.data.name}:{e.reference_split}", **(extra or {})}
     if sample_metrics is not None:
       sample_results = sample_metrics(step, params, max_batches)
       if sample_results is None:
         return None
       results.update(sample_results)
-    for m in ("bpd_vlb", "bpd_ode"):
+    for m in LIKELIHOOD_METRICS:
       if m in metrics:
-        bpd = bits_per_dim(config, info, params, likelihood_images, mesh,
-                           method=m[4:], num_steps=s["likelihood_steps"], seed=s["seed"],
-                           batch=batch_size)
+        bpd = bits_per_dim(task.likelihood, params, lik_images, mesh, method=m[4:],
+                           num_steps=e.likelihood_steps, seed=e.seed, batch=batch_size)
         results[m] = float(np.mean(bpd))
         results[m + "_stderr"] = float(np.std(bpd) / np.sqrt(len(bpd)))
         results["likelihood_images"] = len(bpd)
-        results["likelihood_steps"] = s["likelihood_steps"]
+        results["likelihood_steps"] = e.likelihood_steps
     if jax.process_index() == 0:
       eval_dir = os.path.join(workdir, "eval")
       os.makedirs(eval_dir, exist_ok=True)
@@ -329,35 +361,53 @@ def make_evaluator(config, info, workdir: str, mesh, *, metrics=None, num_sample
   return evaluate_fn
 
 
-def _sample_metrics_fn(config, info, task, workdir, nets, s, ds, mesh):
+def _settings_hash(settings: dict) -> str:
+  return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _sample_metrics_fn(config, info, generator, workdir, nets, metrics, batch_size,
+                       use_ema, ds, mesh):
   """The sample-quality part of the evaluator: (step, params, max_batches) -> results.
   Generation → features of every network in one compiled call, resumable batch by
   batch."""
-  settings = {k: s[k] for k in ("num_samples", "batch_size", "seed", "sampler", "num_steps",
-                                "guidance", "use_ema")}
-  settings["feature_networks"] = {name: net.source for name, net in nets.items()}
-  metrics, num_samples, batch_size = s["metrics"], s["num_samples"], s["batch_size"]
-  eval_dir = os.path.join(workdir, "eval")
-  # Conditional samples, class by class: class-conditional models get labels, text
-  # models on labelled data the captions of those labels (`task.conditioning`).
-  ncls = task.num_classes(config, info) or (info.num_classes if config.text.encoder else 0)
-  labels_all = (np.arange(num_samples) % max(ncls, 1)).astype(np.int32)
-  compiled = _compile(task.sample(config, info, sampler=s["sampler"],
-                                  num_steps=s["num_steps"], guidance=s["guidance"]), nets)
-  f_params = {name: net.params for name, net in nets.items()}
-  key = jax.random.key(s["seed"])
+  e, s = config.eval, config.sample
+  sources = {net.name: net.source for net in nets}
+  settings = {"num_samples": e.num_samples, "batch_size": batch_size, "seed": e.seed,
+              "use_ema": use_ema, "feature_networks": sources,
+              "sample": json.loads(s.to_json_best_effort(sort_keys=True))}
+  num_samples, eval_dir = e.num_samples, os.path.join(workdir, "eval")
+  ncls = generator.num_classes
+  labels_all = generate.resolve_labels(ncls, num_samples)
+  text_nets = [net for net in nets if net.text is not None]
+  if "clip_score" in metrics:
+    if not text_nets:
+      raise ValueError("metric clip_score needs a feature network with a text encoder: "
+                       "config.eval.clip_workdir (a clip run; default the model's "
+                       "config.text.clip_workdir)")
+    if not ncls or not info.label_captions:
+      raise ValueError("clip_score captions samples by their labels: dataset "
+                       f"{config.data.name!r} "
+                       + ("is unconditional" if not ncls else "is not captioned by its labels"))
+
+  sample_fn = generator.sample()  # config.sample's sampler, steps and guidance
+
+  def sample_features(params, cond, keys, f_params):
+    images, nfe = sample_fn(params, cond, keys)
+    return {net.name: net.image(f_params[net.name], images) for net in nets}, nfe
+
+  compiled = generate.compile_sampler(sample_features)
+  f_params = {net.name: net.params for net in nets}
+  key = jax.random.key(e.seed)
   refs = {}
 
-  def ref(name, split):
-    if (name, split) not in refs:
-      net = nets[name]
-      refs[name, split] = reference_stats(net.fn, net.params, net.stats_dir, config.data.name,
-                                          split, mesh, **ds)
-    return refs[name, split]
+  def ref(net, split):
+    if (net.name, split) not in refs:
+      refs[net.name, split] = reference_stats(net, config.data.name, split, mesh, **ds)
+    return refs[net.name, split]
 
   def sample_metrics(step, params, max_batches):
     partial = os.path.join(eval_dir, f"partial_{step}_{_settings_hash(settings)}.npz")
-    done, acc = 0, {f"{n}_{k}": [] for n in nets for k in ("features", "logits")}
+    done, acc = 0, {f"{n}_{k}": [] for n in sources for k in ("features", "logits")}
     if os.path.exists(partial):
       with np.load(partial) as f:
         done = int(f["done"])
@@ -368,12 +418,13 @@ def _sample_metrics_fn(config, info, task, workdir, nets, s, ds, mesh):
       if max_batches is not None and batches == max_batches:
         return None
       n = min(batch_size, num_samples - done)
-      cond = task.conditioning(config, info, labels_all[done:done + n])
+      cond = generator.conditioning(labels_all[done:done + n])
       out = generate.generate(compiled, params, cond, key, mesh, f_params, offset=done)
       for name, (lg, ft) in out.items():
         if not np.all(np.isfinite(ft)):
           raise FloatingPointError(f"non-finite {name} features for samples "
-                                   f"{done}..{done + n - 1} (sampler {s['sampler']!r})")
+                                   f"{done}..{done + n - 1} (config.sample.sampler="
+                                   f"{s.sampler!r})")
         acc[f"{name}_features"].append(ft.astype(np.float32))
         acc[f"{name}_logits"].append(lg.astype(np.float32))
       done += n
@@ -384,18 +435,20 @@ def _sample_metrics_fn(config, info, task, workdir, nets, s, ds, mesh):
         np.savez(tmp, done=done, **{k: np.concatenate(v) for k, v in acc.items()})
         os.replace(tmp, partial)
 
-    results = {"num_samples": num_samples, "sampler": s["sampler"],
-               "num_steps": s["num_steps"], "guidance": s["guidance"],
-               "feature_networks": settings["feature_networks"],
-               "floor": f"{config.data.name}:{s['floor_split']} vs "
-                        f"{config.data.name}:{s['reference_split']}"}
-    for name, net in nets.items():
-      feats = np.concatenate(acc[f"{name}_features"]).astype(np.float64)
-      logits = np.concatenate(acc[f"{name}_logits"])
-      results.update(_metrics_of(name, feats, logits, labels_all, ncls, metrics,
-                                 lambda split: ref(name, split), s))
-      if net.text_fn is not None:
-        results.update(_clip_scores(net, feats, labels_all, ncls, ref, s, config, ds))
+    results = {"num_samples": num_samples, "sampler": s.sampler, "num_steps": s.num_steps,
+               "guidance": s.guidance, "feature_networks": sources,
+               "floor": f"{config.data.name}:{e.floor_split} vs "
+                        f"{config.data.name}:{e.reference_split}"}
+    for net in nets:
+      feats = np.concatenate(acc[f"{net.name}_features"]).astype(np.float64)
+      logits = np.concatenate(acc[f"{net.name}_logits"])
+      results.update(_metrics_of(net, feats, logits, labels_all, ncls, metrics,
+                                 lambda split, net=net: ref(net, split), e))
+      if "clip_score" in metrics and net.text is not None:
+        suffix = "" if len(text_nets) == 1 else f"_{net.name}"
+        scores = _clip_scores(net, feats, labels_all, ncls, ref(net, e.reference_split),
+                              config, ds)
+        results.update({k + suffix: v for k, v in scores.items()})
     if jax.process_index() == 0 and os.path.exists(partial):
       os.remove(partial)
     return results
@@ -403,28 +456,28 @@ def _sample_metrics_fn(config, info, task, workdir, nets, s, ds, mesh):
   return sample_metrics
 
 
-def _clip_scores(net, feats, labels, ncls, ref, s, config, ds) -> dict:
-  """clip_score of samples (feats: their clip image embeddings [N, D], captioned by
-  their labels) and clip_score_real of the reference split's real images."""
-  if not ncls or config.data.name not in data.builders.EMBEDDED or config.data.name == "ring8":
-    raise ValueError("clip_score captions samples by their labels (the embedded digit "
-                     f"datasets' captions): config.data.name={config.data.name!r}"
-                     f"{' is unconditional' if not ncls else ''} has none")
-  text = net.text_fn([text_lib.digit_caption(c, 0) for c in range(ncls)])  # [C, D]
+def _clip_scores(net, feats, labels, ncls, reference, config, ds) -> dict:
+  """clip_score of samples (feats: their image embeddings [N, D] under `net`, captioned
+  by their labels) and clip_score_real of the reference split's real images."""
+  tokens = text_lib.encode([text_lib.digit_caption(c, 0) for c in range(ncls)],
+                           net.max_length)
+  text = np.asarray(jax.jit(net.text)(jax.device_get(net.params), tokens), np.float64)  # [C, D]
   score = lambda f, y: float(100 * np.mean(np.maximum(np.sum(f * text[y], axis=1), 0.0)))
-  real = ref("clip", s["reference_split"])["features"]
-  real_labels = data.load_arrays(config.data.name, s["reference_split"], ds["data_dir"],
-                                 image_size=ds["image_size"])[1]
+  if reference["features"] is None:
+    raise ValueError(f"{reference['path']} holds only mu and sigma: clip_score_real needs "
+                     "the reference features; remove it to recompute")
+  real_labels = data.load_arrays(config.data.name, config.eval.reference_split,
+                                 ds["data_dir"], image_size=ds["image_size"])[1]
   return {"clip_score": score(feats, labels),
-          "clip_score_real": score(np.asarray(real, np.float64), real_labels)}
+          "clip_score_real": score(np.asarray(reference["features"], np.float64), real_labels)}
 
 
-def _metrics_of(name, feats, logits, labels, ncls, metrics, ref, s) -> dict:
+def _metrics_of(net, feats, logits, labels, ncls, metrics, ref, e) -> dict:
   """Sample metrics of features [N, D] and logits [N, K] in one feature network's
-  space, keyed `<metric>_<name>`; ref(split) -> that split's reference statistics."""
-  out = {}
-  reference = ref(s["reference_split"])
-  floor = ref(s["floor_split"]) if {"fd", "kid"} & set(metrics) else None
+  space, keyed `<metric>_<net.name>`; ref(split) -> that split's reference statistics."""
+  out, name = {}, net.name
+  reference = ref(e.reference_split)
+  floor = ref(e.floor_split) if {"fd", "kid"} & set(metrics) else None
   for r in (reference, floor):
     if r is not None and r["features"] is None and {"kid", "pr"} & set(metrics):
       raise ValueError(f"{r['path']} holds only mu and sigma (another FID tool's file?): "
@@ -444,9 +497,9 @@ def _metrics_of(name, feats, logits, labels, ncls, metrics, ref, s) -> dict:
   if "pr" in metrics:
     out[f"precision_{name}"], out[f"recall_{name}"] = metrics_lib.precision_recall(
         reference["features"], feats)
-  if "is" in metrics and name != "clip":  # the clip net has no class logits
+  if "is" in metrics and net.class_logits:
     out[f"is_{name}"], out[f"is_{name}_std"] = metrics_lib.inception_score(logits)
-  if "acc" in metrics and ncls and name == "domain":
+  if "acc" in metrics and ncls and net.num_classes == ncls:
     pred = np.argmax(logits, axis=1)
     out[f"acc_{name}"] = float(np.mean(pred == labels))
     out[f"acc_{name}_per_class"] = [float(np.mean(pred[labels == c] == c)) for c in range(ncls)]

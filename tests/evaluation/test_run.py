@@ -1,6 +1,7 @@
 """The evaluation command end to end, and its invariants: sharded over 8 devices equals
-1 device, an interrupted evaluation resumes to the same numbers, and the training
-loop's periodic evaluation equals the command's on the same checkpoint."""
+1 device, an interrupted evaluation resumes to the same numbers, the training loop's
+periodic evaluation equals the command's on the same checkpoint, and its bits/dim are
+`diffusion/likelihood.py`'s."""
 import json
 import os
 import shutil
@@ -10,18 +11,22 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY_FLAGS, quickstart_args, run_cli
-from diffusion_jax import config as config_lib, parallel
+from diffusion_jax import config as config_lib, data, parallel, runs as runs_lib, samplers
+from diffusion_jax.diffusion import likelihood, predictions
 from diffusion_jax.evaluation import run as eval_run
+from diffusion_jax.training import tasks
 
 
 SAMPLE_METRICS = ("fd", "kid", "pr", "acc", "is")
+LIKELIHOOD = dict(images=12, steps=4)
 
 
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
   """A tiny clean-image domain classifier run, then a tiny diffusion run that evaluates
-  itself every 2 steps in that feature space (CLI). The loop's eval/ is kept aside as
-  loop_eval/ (the tests below rewrite eval/)."""
+  itself every 2 steps in that feature space (CLI: diffusion-jax-train passes the
+  evaluator to the loop). The loop's eval/ is kept aside as loop_eval/ (the tests below
+  rewrite eval/)."""
   w = tmp_path_factory.mktemp("eval")
   run_cli("train", [f"--config={os.path.join(ROOT, 'configs', 'digits_classifier.py')}",
                     f"--workdir={w / 'cls'}", f"--config.data.data_dir={data_dir}", *TINY_FLAGS,
@@ -35,6 +40,19 @@ def runs(data_dir, tmp_path_factory):
   return w
 
 
+@pytest.fixture(scope="module")
+def evaluated(runs):
+  """diffusion-jax-evaluate on the model's last checkpoint (1 device), every metric
+  but clip_score: (its stdout, eval/4.json as it wrote it)."""
+  proc = run_cli("evaluate", [
+      f"--workdir={runs / 'model'}", f"--config.eval.feature_workdir={runs / 'cls'}",
+      "--config.eval.metrics=fd,kid,pr,acc,is,bpd_vlb,bpd_ode",
+      "--config.eval.num_samples=40", "--config.eval.batch_size=16",
+      f"--config.eval.likelihood_images={LIKELIHOOD['images']}",
+      f"--config.eval.likelihood_steps={LIKELIHOOD['steps']}"])
+  return proc.stdout, json.loads((runs / "model" / "eval" / "4.json").read_text())
+
+
 def test_training_loop_evaluates_periodically(runs):
   loop_eval = runs / "model" / "loop_eval"
   assert sorted(f for f in os.listdir(loop_eval) if f.endswith(".json")) == ["2.json", "4.json"]
@@ -45,43 +63,77 @@ def test_training_loop_evaluates_periodically(runs):
     assert np.isfinite(r["fd_domain"]) and 0 <= r["acc_domain"] <= 1
 
 
-def test_evaluate_command(runs, tmp_path):
-  proc = run_cli("evaluate", [f"--workdir={runs / 'model'}", f"--feature_workdir={runs / 'cls'}",
-                              "--metrics=fd,kid,pr,acc,is,bpd_vlb,bpd_ode", "--num_samples=40",
-                              "--batch_size=16", "--likelihood_images=12",
-                              "--likelihood_steps=4"])
-  results = json.loads((runs / "model" / "eval" / "4.json").read_text())
-  assert json.loads(proc.stdout) == results
+def test_evaluate_command(runs, evaluated):
+  stdout, results = evaluated
+  assert json.loads(stdout) == results
   for k in ("fd_domain", "fd_domain_floor", "kid_domain", "kid_domain_floor",
             "precision_domain", "recall_domain", "acc_domain", "is_domain", "bpd_vlb", "bpd_ode"):
     assert np.isfinite(results[k]), k
-  assert results["bpd_vlb"] > 0 and results["likelihood_images"] == 12
+  assert results["likelihood_images"] == LIKELIHOOD["images"]
   assert results["fd_domain"] >= 0 and len(results["acc_domain_per_class"]) == 10
   assert results["reference"] == "sklearn_digits:test"
   assert not [f for f in os.listdir(runs / "model" / "eval") if f.startswith("partial")]
   assert os.path.exists(runs / "cls" / "ref_stats" / "sklearn_digits_test.npz")
   with np.load(runs / "cls" / "ref_stats" / "sklearn_digits_test.npz") as f:
     assert f["mu"].shape == (16,) and f["sigma"].shape == (16, 16)  # pytorch-fid layout
-  bad = run_cli("evaluate", [f"--workdir={runs / 'model'}", f"--feature_workdir={runs / 'model'}"],
+  model = f"--workdir={runs / 'model'}"
+  bad = run_cli("evaluate", [model, f"--config.eval.feature_workdir={runs / 'model'}"],
                 check=False)
-  assert bad.returncode != 0 and "must be a run of the 'classifier' task" in bad.stderr
-  bad = run_cli("evaluate", [f"--workdir={runs / 'model'}", "--metrics=fd,bogus"], check=False)
+  assert bad.returncode != 0 and "config.task='diffusion' run, which provides no features" \
+      in bad.stderr and str(runs / "model") in bad.stderr
+  bad = run_cli("evaluate", [model, "--config.eval.metrics=fd,bogus"], check=False)
   assert bad.returncode != 0 and "bogus" in bad.stderr
+  bad = run_cli("evaluate", [model, "--config.model.channels=4"], check=False)
+  assert bad.returncode != 0 and "config.model.channels" in bad.stderr
 
 
-def test_interrupted_on_8_devices_equals_uninterrupted_on_1(runs):
+def test_bits_per_dim_are_the_likelihood_module_s(runs, evaluated, data_dir):
+  """The command's bpd_ode and bpd_vlb equal `likelihood.bits_per_dim_dequantized` and
+  `likelihood.vlb_terms` called here on the same images, image i alone with the key
+  fold_in(key(seed), i), through the task's Likelihood."""
+  _, results = evaluated
+  comp = runs_lib.load(str(runs / "model"))
+  lik = tasks.make(comp.config, comp.info).likelihood
+  path, pred, steps = lik.path, lik.prediction, LIKELIHOOD["steps"]
+  images = data.load_arrays("sklearn_digits", "test", data_dir)[0][:LIKELIHOOD["images"]]
+  grid = None if path.discrete else likelihood.geometric_grid(steps)
+
+  def ode(params, x, key):
+    den = samplers.make_denoiser(lambda x_t, t, y: lik.model_fn(params, x_t, t), path, pred,
+                                 None)
+    return likelihood.bits_per_dim_dequantized(path, den, x, key, num_steps=steps)
+
+  def vlb(params, x, key):
+    x0_fn = lambda x_t, t: predictions.to_x0_eps(path, pred, lik.model_fn(params, x_t, t),
+                                                 x_t, t)[0]
+    nats = likelihood.vlb_terms(path, x0_fn, x, key, grid=grid)["total"]
+    return likelihood.bits_per_dim(nats, x[0].size)
+
+  key = jax.random.key(comp.config.eval.seed)
+  for name, fn in (("bpd_ode", ode), ("bpd_vlb", vlb)):
+    fn = jax.jit(fn)
+    bpd = np.array([float(fn(comp.params, images[i:i + 1], jax.random.fold_in(key, i))[0])
+                    for i in range(len(images))])
+    np.testing.assert_allclose(results[name], bpd.mean(), rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(results[name + "_stderr"], bpd.std() / np.sqrt(len(bpd)),
+                               rtol=1e-3, err_msg=name)
+
+
+def test_interrupted_on_8_devices_equals_uninterrupted_on_1(runs, evaluated):
   """The command above ran on 1 device; here 8 devices, stopped after one batch, then
   resumed: the same numbers. Both equal the training loop's own evaluation."""
-  ref = json.loads((runs / "model" / "eval" / "4.json").read_text())
+  _, ref = evaluated
   loop = json.loads((runs / "model" / "loop_eval" / "4.json").read_text())
   for k, v in loop.items():
     if isinstance(v, float) and k != "train_seconds":
       np.testing.assert_allclose(ref[k], v, rtol=1e-3, atol=1e-5, err_msg=k)
-  kw = dict(metrics=SAMPLE_METRICS, num_samples=40, batch_size=16,
-            mesh=parallel.make_mesh(config_lib.base().mesh, jax.devices()))
-  assert eval_run.evaluate(str(runs / "model"), str(runs / "cls"), max_batches=1, **kw) is None
+  overrides = {"eval.feature_workdir": str(runs / "cls"), "eval.metrics": SAMPLE_METRICS,
+               "eval.num_samples": 40, "eval.batch_size": 16}
+  mesh = parallel.make_mesh(config_lib.base().mesh, jax.devices())
+  assert eval_run.evaluate(str(runs / "model"), overrides=overrides, mesh=mesh,
+                           max_batches=1) is None
   assert [f for f in os.listdir(runs / "model" / "eval") if f.startswith("partial")]
-  res = eval_run.evaluate(str(runs / "model"), str(runs / "cls"), **kw)
+  res = eval_run.evaluate(str(runs / "model"), overrides=overrides, mesh=mesh)
   for k, v in ref.items():
     if k.startswith("bpd") or k.startswith("likelihood"):
       continue  # (not recomputed here: a per-example vmap, device-independent by construction)
@@ -89,6 +141,26 @@ def test_interrupted_on_8_devices_equals_uninterrupted_on_1(runs):
       np.testing.assert_allclose(res[k], v, rtol=1e-3, atol=1e-5, err_msg=k)
     else:
       assert res[k] == v, k
+
+
+def test_overrides_touch_only_eval_and_sample():
+  config = config_lib.base()
+  c = eval_run.with_overrides(config, {"eval.metrics": ["fd", "kid"], "sample.sampler": "heun",
+                                       "sample.ddim.eta": 0.5, "eval.num_samples": 40})
+  assert (c.eval.metrics, c.sample.sampler, c.sample.ddim.eta) == (("fd", "kid"), "heun", 0.5)
+  assert c.eval.num_samples == 40 and config.eval.num_samples == 1000  # a copy
+  c = eval_run.with_overrides(config, {"eval.metrics": ("fd,kid", "pr")})  # as the CLI gives
+  assert eval_run.metric_names(c) == ("fd", "kid", "pr")
+  for bad, message in (({"model.channels": 4}, "config.model.channels"),
+                       ({"eval": 1}, "config.eval"),
+                       ({"eval.bogus": 1}, "config.eval.bogus: no such config key"),
+                       ({"eval.num_samples": "many"}, "config.eval.num_samples"),
+                       ({"eval.num_samples": 0}, "config.eval.num_samples"),
+                       ({"sample.sampler": "nope"}, "config.sample.sampler")):
+    with pytest.raises(ValueError, match=message):
+      eval_run.with_overrides(config, bad)
+  with pytest.raises(ValueError, match="unknown metrics \\['bogus'\\]"):
+    eval_run.metric_names(eval_run.with_overrides(config, {"eval.metrics": ("fd,bogus",)}))
 
 
 @pytest.mark.slow
@@ -102,11 +174,12 @@ def test_inception_features(runs, tmp_path):
                                                      np.zeros((1, 8, 8, 3), np.float32))
   weights = tmp_path / "fid_inception.npz"
   inception.save_npz(str(weights), variables)
-  kw = dict(num_samples=16, batch_size=16, reference_split="test[:24]",
-            floor_split="train[:24]", inception_weights=str(weights),
-            ref_stats_dir=str(tmp_path / "stats"))
-  res = eval_run.evaluate(str(runs / "model"), str(runs / "cls"),
-                          metrics=("fd", "kid", "pr", "is", "acc"), **kw)
+  kw = {"eval.num_samples": 16, "eval.batch_size": 16, "eval.reference_split": "test[:24]",
+        "eval.floor_split": "train[:24]", "eval.inception_weights": str(weights),
+        "eval.ref_stats_dir": str(tmp_path / "stats")}
+  res = eval_run.evaluate(str(runs / "model"), overrides={
+      **kw, "eval.feature_workdir": str(runs / "cls"),
+      "eval.metrics": ("fd", "kid", "pr", "is", "acc")})
   for k in ("fd_inception", "fd_inception_floor", "kid_inception", "precision_inception",
             "recall_inception", "is_inception", "fd_domain", "acc_domain"):
     assert np.isfinite(res[k]), k
@@ -117,7 +190,8 @@ def test_inception_features(runs, tmp_path):
     mu, sigma = f["mu"], f["sigma"]
   assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
   np.savez(stats, mu=mu, sigma=sigma)  # what pytorch-fid --save-stats writes
-  again = eval_run.evaluate(str(runs / "model"), metrics=("fd",), **kw)
+  only = {**kw, "eval.feature_workdir": None}
+  again = eval_run.evaluate(str(runs / "model"), overrides={**only, "eval.metrics": ("fd",)})
   np.testing.assert_allclose(again["fd_inception"], res["fd_inception"], rtol=1e-6)
   with pytest.raises(ValueError, match=f"{stats.name} holds only mu and sigma"):
-    eval_run.evaluate(str(runs / "model"), metrics=("kid",), **kw)
+    eval_run.evaluate(str(runs / "model"), overrides={**only, "eval.metrics": ("kid",)})

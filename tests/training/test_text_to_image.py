@@ -79,8 +79,8 @@ def test_clip_conditioned_dit_through_the_command_line(clip_run, data_dir, tmp_p
 
   # CLIP score through diffusion-jax-evaluate (the model's own clip run by default),
   # recomputed here from the same samples and the test split: 100·E max(cos, 0).
-  proc = run_cli("evaluate", [f"--workdir={w}", "--metrics=clip_score", "--num_samples=20",
-                              "--batch_size=8"])
+  proc = run_cli("evaluate", [f"--workdir={w}", "--config.eval.metrics=clip_score",
+                              "--config.eval.num_samples=20", "--config.eval.batch_size=8"])
   results = json.loads((w / "eval" / "6.json").read_text())
   assert "clip_score" in proc.stdout
   enc_img = jax.jit(lambda x: clip_net.encode_image(clip_config, clip_params, x))
