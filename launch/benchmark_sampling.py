@@ -4,10 +4,11 @@ r"""Sampling speed of a config's model: compile time, NFE, seconds per batch, im
       [--samplers=euler,heun,ddim,ddpm,dpm_solver_2m,sde,pc,edm] [--steps=32] \
       [--batch=256] [--repeats=3] [--markdown]
 
-Runs the real path: `tasks.get(config.task).sample(config, info, sampler=, num_steps=)`
-compiled by `generate.compile_sampler` and called through `generate.generate` on the
-mesh of config.mesh (labels 0..C−1 cycled; the rest of the sampler settings from
-config.sample, CFG included). Parameters are the EMA parameters of --workdir's latest
+Runs the real path: the task's `generator.sample(sampler=, num_steps=)`
+(`tasks.make(config, info)`) compiled by `generate.compile_sampler` and called through
+`generate.generate` on the mesh of config.mesh (labels 0..C−1 cycled, conditioning from
+`generator.conditioning`; the rest of the sampler settings from config.sample, CFG
+included). Parameters are the EMA parameters of --workdir's latest
 checkpoint (which must have --config's parameter shapes), else a random init; speed does
 not depend on their values. Per sampler, one JSON line (or a markdown table row):
 
@@ -28,7 +29,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffusion_jax import config as config_lib, parallel, samplers
+from diffusion_jax import config as config_lib, parallel, runs, samplers
 from diffusion_jax.training import generate, loop, tasks
 from diffusion_jax_launch import common
 
@@ -59,18 +60,18 @@ def compile_on_first_call(jitted):
   return call, timing
 
 
-def load_params(config, task, info, mesh, init_key):
+def load_params(config, task, mesh, init_key):
   """EMA parameters of --workdir, or of a random init; and where they came from."""
-  abstract = jax.eval_shape(lambda k: task.init(config, k, info), init_key)
+  abstract = jax.eval_shape(task.init, init_key)
   if _WORKDIR.value:
-    _, _, state, _, step = generate.load_run(_WORKDIR.value, mesh=mesh)
+    comp = runs.load(_WORKDIR.value, params="ema", mesh=mesh)
     shapes = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)
-    if shapes(state.ema_params) != shapes(abstract.ema_params):
+    if shapes(comp.params) != shapes(abstract.ema_params):
       raise ValueError(f"the parameters in {_WORKDIR.value} do not have the shapes of "
                        "--config's model")
-    return state.ema_params, f"{_WORKDIR.value} step {step}"
+    return comp.params, f"{_WORKDIR.value} step {comp.step}"
   shardings = parallel.state_shardings(mesh, abstract, config.mesh)
-  state = jax.jit(lambda k: task.init(config, k, info), out_shardings=shardings)(init_key)
+  state = jax.jit(task.init, out_shardings=shardings)(init_key)
   return state.ema_params, "random init"
 
 
@@ -80,22 +81,24 @@ def main(argv):
   config = _CONFIG.value
   try:
     config_lib.validate(config)
-    task = tasks.get(config.task)
-    if not hasattr(task, "sample"):
-      raise ValueError(f"the {config.task!r} task does not sample")
     mesh = parallel.make_mesh(config.mesh)
     info = loop.dataset_info(config)
+    task = tasks.make(config, info)
+    gen = task.generator
+    if gen is None:
+      raise ValueError(f"the {config.task!r} task does not sample")
     init_key, _, _ = loop.keys(config.seed)
     for name in _SAMPLERS.value:
       samplers.get(name)  # an unknown name fails here, before any compile
-    params, source = load_params(config, task, info, mesh, init_key)
+    sample_fns = {name: gen.sample(sampler=name, num_steps=_STEPS.value)
+                  for name in _SAMPLERS.value}  # options it cannot use fail here too
+    params, source = load_params(config, task, mesh, init_key)
+    n = _BATCH.value
+    low = config.superres.low_res  # its input's values do not change the speed
+    inputs = np.zeros((1, low, low, info.image_shape[-1]), np.float32) if low else None
+    cond = gen.conditioning(generate.resolve_labels(gen.num_classes, n), images=inputs)
   except common.USER_ERRORS as e:
     common.fail(e)
-  n = _BATCH.value
-  cond = {"label": generate.resolve_labels(info, n)}
-  if config.superres.low_res:  # values do not change the speed
-    low = config.superres.low_res
-    cond["low_res"] = np.zeros((n, low, low, info.image_shape[-1]), np.float32)
   key = jax.random.key(_SEED.value)
   head = {"device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
           "batch": n, "steps": _STEPS.value, "params": source}
@@ -103,8 +106,7 @@ def main(argv):
     print(f"{head['device']} × {head['num_devices']}, batch {n}, {_STEPS.value} steps, "
           f"{source}\n\n| sampler | NFE | compile (s) | s / batch | images/s |\n"
           "|---|---:|---:|---:|---:|", flush=True)
-  for name in _SAMPLERS.value:
-    sample_fn = task.sample(config, info, sampler=name, num_steps=_STEPS.value)
+  for name, sample_fn in sample_fns.items():
     nfe = []
 
     def counted(params, cond, keys, *extra, sample_fn=sample_fn, nfe=nfe):

@@ -38,7 +38,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from diffusion_jax import config as config_lib, data, parallel
-from diffusion_jax.training import loop, tasks
+from diffusion_jax.training import loop, step as step_lib, tasks
 from diffusion_jax_launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
@@ -76,11 +76,11 @@ def peak_tflops(device_kind: str, dtype: str):
   return None
 
 
-def _host_batches(config, info):
+def _host_batches(config, info, task):
   """Up to 8 of this host's batches: from config.data, or random with --synthetic."""
   n = min(_STEPS.value, 8)
   if not _SYNTHETIC.value:
-    it = data.make_train_iterator(config.data, seed=config.seed, text=data.text_options(config))
+    it = data.make_train_iterator(config.data, seed=config.seed, text=task.text)
     return [next(it) for _ in range(n)]
   local = config.data.batch_size // jax.process_count()
   rng = np.random.default_rng(config.seed + jax.process_index())
@@ -94,7 +94,6 @@ def main(argv):
   common.start()
   config = _CONFIG.value
   config_lib.validate(config)
-  task = tasks.get(config.task)
   mesh = parallel.make_mesh(config.mesh)
   parallel.check_batch_size(config.data.batch_size, mesh)
   if _SYNTHETIC.value:
@@ -108,12 +107,13 @@ def main(argv):
                             num_examples=0)
   else:
     info = loop.dataset_info(config)
+  task = tasks.make(config, info)
   init_key, step_root, _ = loop.keys(config.seed)
-  abstract = jax.eval_shape(lambda k: task.init(config, k, info), init_key)
+  abstract = jax.eval_shape(task.init, init_key)
   shardings = parallel.state_shardings(mesh, abstract, config.mesh)
-  state = jax.jit(lambda k: task.init(config, k, info), out_shardings=shardings)(init_key)
-  batches = [parallel.host_to_global(b, mesh) for b in _host_batches(config, info)]
-  step = jax.jit(task.train_step(config, info), donate_argnums=(0,),
+  state = jax.jit(task.init, out_shardings=shardings)(init_key)
+  batches = [parallel.host_to_global(b, mesh) for b in _host_batches(config, info, task)]
+  step = jax.jit(step_lib.make_train_step(task), donate_argnums=(0,),
                  in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
                  out_shardings=(shardings, parallel.replicated(mesh)))
   t0 = time.time()

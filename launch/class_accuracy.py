@@ -22,9 +22,9 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from diffusion_jax import data
+from diffusion_jax import data, runs
 from diffusion_jax.evaluation import classifier
-from diffusion_jax.training import generate
+from diffusion_jax.training import generate, tasks
 from diffusion_jax_launch import common
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by diffusion-jax-train.")
@@ -41,9 +41,14 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def _conditional_run(workdir: str, step):
-  """(config, info, step) of a class-conditional run; ValueError otherwise."""
-  config, info, _, _, step = generate.load_run(workdir, step)
-  if not info.num_classes or not (config.model.class_conditional or config.text.encoder):
+  """(config, info, step) of a run whose samples are conditioned on its dataset's
+  classes (its generator's num_classes: by label or by caption); ValueError otherwise."""
+  config, info, step = runs.read(workdir, step)
+  generator = tasks.make(config, info).generator
+  if generator is None:
+    raise ValueError(f"{workdir} holds a config.task={config.task!r} run, which generates "
+                     "nothing")
+  if not info.num_classes or generator.num_classes != info.num_classes:
     why = (f"{config.data.name!r} has no labels" if not info.num_classes else
            "config.model.class_conditional=False and no config.text.encoder")
     raise ValueError(f"{workdir} holds an unconditional {config.task!r} run ({why}): "
@@ -59,7 +64,7 @@ def main(argv):
     if _NUM.value < 1:
       raise ValueError(f"--num_samples={_NUM.value}: must be >= 1")
     config, info, step = _conditional_run(_WORKDIR.value, _STEP.value)
-    images, labels, info, step = generate.sample_run(
+    images, labels, _ = generate.sample_run(
         _WORKDIR.value, _NUM.value, seed=_SEED.value, sampler=_SAMPLER.value,
         num_steps=_STEPS.value, guidance=_GUIDANCE.value, step=step,
         use_ema=not _RAW.value)

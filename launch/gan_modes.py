@@ -11,7 +11,7 @@ modes, high_quality, counts per mode, kl to uniform; also written to
 
 from absl import app, flags
 
-from diffusion_jax import data
+from diffusion_jax import data, runs
 from diffusion_jax.evaluation import metrics
 from diffusion_jax.training import generate
 from diffusion_jax_launch import common
@@ -24,14 +24,14 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def coverage(workdir: str, num_samples: int, seed: int = 0, use_ema: bool = True) -> dict:
-  config, _, _, _, _ = generate.load_run(workdir)
+  config, _, _ = runs.read(workdir)
   if config.data.name != "ring8":
     raise ValueError(f"{workdir} was trained on config.data.name={config.data.name!r}; mode "
                      "coverage is defined for 'ring8'")
-  points, _, _, step = generate.sample_run(workdir, num_samples, seed=seed, use_ema=use_ema)
+  points, _, comp = generate.sample_run(workdir, num_samples, seed=seed, use_ema=use_ema)
   result = metrics.mode_coverage(points.reshape(num_samples, -1), data.builders.ring8_centers(),
                                  data.builders.RING8_STD)
-  return dict(result, step=int(step), num_samples=num_samples, ema=use_ema)
+  return dict(result, step=comp.step, num_samples=num_samples, ema=use_ema)
 
 
 def main(argv):

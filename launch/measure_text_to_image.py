@@ -13,10 +13,10 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from diffusion_jax import data
+from diffusion_jax import data, runs
 from diffusion_jax.data import text as text_lib
 from diffusion_jax.evaluation import classifier as mlp
-from diffusion_jax.training import generate, tasks
+from diffusion_jax.training import generate
 from diffusion_jax_launch import common
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A text-to-image run on an embedded digit set.")
@@ -26,21 +26,22 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def measure(workdir: str, per_prompt: int = 3, seed: int = 1) -> dict:
-  config, info, state, mesh, step = generate.load_run(workdir)
+  comp = runs.load(workdir)
+  config = comp.config
   if not config.text.encoder or config.data.name not in data.builders.EMBEDDED:
     raise ValueError(f"{workdir}: expected a text-conditional run on an embedded digit set")
-  task = tasks.get(config.task)
+  gen = generate.generator_of(comp)
   d = config.data.data_dir
   params = mlp.train(*data.load_arrays(config.data.name, "train", d), 10)
-  results = {"step": step, "classifier_test_accuracy":
+  results = {"step": comp.step, "classifier_test_accuracy":
              mlp.accuracy(params, *data.load_arrays(config.data.name, "test", d), 10)}
   n_t = len(text_lib.TEMPLATES)
   labels = np.repeat(np.arange(10), n_t * per_prompt)
   prompts = [text_lib.digit_caption(y, i % n_t) for i, y in enumerate(labels)]
-  cond = task.conditioning(config, info, np.zeros(len(labels), np.int32), prompts)
+  cond = gen.conditioning(np.zeros(len(labels), np.int32), prompts=prompts)
   for w in sorted({0.0, float(config.sample.guidance)}):
-    fn = generate.compile_sampler(task.sample(config, info, guidance=w))
-    images = generate.generate(fn, state.ema_params, cond, jax.random.key(seed), mesh)
+    fn = generate.compile_sampler(gen.sample(guidance=w))
+    images = generate.generate(fn, comp.params, cond, jax.random.key(seed), comp.mesh)
     results[f"accuracy_w{w:g}"] = mlp.accuracy(params, images, labels, 10)
   results["num_samples"] = len(labels)
   return results
