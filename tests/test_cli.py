@@ -214,7 +214,7 @@ def test_classifier_task_and_guidance_through_the_command_line(full_run, data_di
   assert np.load(out)["images"].shape == (4, 8, 8, 1)
   proc = run_cli("sample", [f"--workdir={full_run}", "--num_samples=4", f"--output={out}",
                             f"--classifier_workdir={full_run}"], check=False)
-  assert proc.returncode != 0 and "not a 'classifier' run" in proc.stderr
+  assert proc.returncode != 0 and "provides no classifier guidance" in proc.stderr
 
 
 @pytest.mark.slow  # ~20-50 s; the default set keeps test_resume_is_exact, SIGTERM, 8→1 sampling

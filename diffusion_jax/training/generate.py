@@ -10,9 +10,8 @@ import jax
 import numpy as np
 
 from diffusion_jax import parallel, runs
-from diffusion_jax.diffusion import paths
 from diffusion_jax.training import tasks
-from diffusion_jax.training.tasks.base import Generator, Guide
+from diffusion_jax.training.tasks.base import Generator
 
 __all__ = ["compile_sampler", "generate", "generator_of", "resolve_labels", "sample_run"]
 
@@ -87,8 +86,11 @@ def sample_run(workdir: str, num_samples: int, labels=None, *, seed: int = 0, sa
   classifier, extra = None, ()
   if classifier_workdir:
     guide_run = runs.load(classifier_workdir, mesh=comp.mesh)
-    guide = _guide_of(comp, guide_run)
-    classifier, extra = (guide.log_prob, classifier_scale), (guide_run.params,)
+    guide = tasks.make(guide_run.config, guide_run.info).guide
+    if guide is None:
+      raise ValueError(f"cannot guide with {classifier_workdir}: it is a config.task="
+                       f"{guide_run.config.task!r} run, which provides no classifier guidance")
+    classifier, extra = (guide, classifier_scale), (guide_run.params,)
     ncls = ncls or guide.num_classes  # an unconditional model guided towards labels
   labels = resolve_labels(ncls, n, labels)
   cond = gen.conditioning(labels, prompts=prompts, images=inputs, mask=inpaint)
@@ -104,27 +106,3 @@ def sample_run(workdir: str, num_samples: int, labels=None, *, seed: int = 0, sa
         f"{num_steps or comp.config.sample.num_steps} steps, checkpoint step {comp.step}); "
         "nothing was written")
   return images, (labels if ncls else np.full(n, -1, np.int32)), comp
-
-
-def _guide_of(model: runs.Component, run: runs.Component) -> Guide:
-  """The Guide of `run` for sampling `model`, or an error naming every mismatch."""
-  guide = tasks.make(run.config, run.info).guide
-  if guide is None:
-    raise ValueError(f"cannot guide with {run.workdir}: it is a config.task="
-                     f"{run.config.task!r} run, which provides no classifier guidance")
-  problems = []
-  model_path = paths.from_config(model.config.diffusion)
-  if guide.path != model_path:
-    problems.append(f"its path (config.diffusion.path={run.config.diffusion.path!r} ...) "
-                    f"differs from the model's ({model.config.diffusion.path!r} ...)")
-  if not guide.noise_conditional:
-    problems.append("it was trained on clean images only "
-                    "(config.classifier.noise_conditional=False)")
-  if (guide.image_shape != tuple(model.info.image_shape)
-      or guide.num_classes != model.info.num_classes):
-    problems.append(f"its data ({guide.image_shape}, {guide.num_classes} classes) differs "
-                    f"from the model's ({tuple(model.info.image_shape)}, "
-                    f"{model.info.num_classes} classes)")
-  if problems:
-    raise ValueError(f"cannot guide with {run.workdir}: " + "; ".join(problems))
-  return guide

@@ -92,8 +92,9 @@ class Generator:
   sample(*, sampler=None, num_steps=None, guidance=None, strength=1.0,
          classifier=None) -> sample_fn(params, cond, keys [N], *extra) -> (x, NFE):
     options the task has no use for are refused by name when set; None means the
-    run's config.sample value. `classifier` is (log_prob, scale) of a `Guide`, its
-    parameters the last argument of sample_fn.
+    run's config.sample value. `classifier` is (Guide, scale) for classifier
+    guidance (the generator checks that the guide fits it), the guide's parameters
+    the last argument of sample_fn.
   conditioning(labels [N], *, prompts=None, images=None, mask=None) -> cond: the
     per-example conditioning dict {"label", ...} of N samples from what a user gives
     (prompts; input images in [-1, 1], cycled to N; an inpainting mask) — the task

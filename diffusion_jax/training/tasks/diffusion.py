@@ -81,7 +81,7 @@ def make(config, info) -> Task:
   def sample(*, sampler=None, num_steps=None, guidance=None, strength=1.0, classifier=None):
     """sample_fn(params, cond, keys [N], classifier_params=None) -> (images [N,H,W,C]
     in [-1, 1], NFE); cond as in `conditioning.py`. strength: SDEdit's t₀ (the input is
-    noised to t₀ and solved back from there). classifier: (log_prob, scale) for
+    noised to t₀ and solved back from there). classifier: (Guide, scale) for
     classifier guidance, its parameters the last argument of sample_fn. Defaults come
     from config.sample. CFG applies to class- and text-conditional models. Sample i
     depends only on keys[i] and the i-th entries of cond."""
@@ -92,6 +92,8 @@ def make(config, info) -> Task:
     if not 0.0 < strength <= 1.0:
       raise ValueError(f"strength={strength}: SDEdit's t₀ must be in (0, 1]")
     solve, options = samplers.get(sampler), sampler_options(s, sampler)
+    if classifier is not None:
+      _check_guide(classifier[0])
     shape = tuple(info.image_shape)
     cfg_on = bool(null and guidance)
 
@@ -118,9 +120,9 @@ def make(config, info) -> Task:
       denoiser = samplers.make_denoiser(model_fn, path, config.diffusion.prediction, labels,
                                         clip_x0=s.clip_x0)
       if classifier is not None:
-        log_prob, scale = classifier
+        guide, scale = classifier
         denoiser = samplers.guidance.classifier(
-            denoiser, path, lambda x, t: log_prob(classifier_params, x, t, labels), scale)
+            denoiser, path, lambda x, t: guide.log_prob(classifier_params, x, t, labels), scale)
       x_init = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys)
       if strength < 1:
         x_init = samplers.editing.noise_to(path, cond["image"], strength,
@@ -135,6 +137,20 @@ def make(config, info) -> Task:
       return jnp.clip(x0, -1.0, 1.0), nfe * (2 if cfg_on else 1)  # CFG: two passes per call
 
     return sample_fn
+
+  def _check_guide(guide):
+    """A guiding classifier must be noise-conditional on this path and data."""
+    problems = []
+    if guide.path != path:
+      problems.append(f"its path {guide.path} differs from the model's {path}")
+    if not guide.noise_conditional:
+      problems.append("it was trained on clean images only "
+                      "(config.classifier.noise_conditional=False)")
+    if guide.image_shape != tuple(info.image_shape) or guide.num_classes != info.num_classes:
+      problems.append(f"its data ({guide.image_shape}, {guide.num_classes} classes) differs "
+                      f"from the model's ({tuple(info.image_shape)}, {info.num_classes} classes)")
+    if problems:
+      raise ValueError("cannot guide with this classifier: " + "; ".join(problems))
 
   generator = Generator(
       sample=sample,
