@@ -3,9 +3,11 @@ a tiny config that compiles fast."""
 import os
 
 # Before JAX is imported anywhere: 8 virtual CPU devices (sharding tests need them).
-# LLVM -O0: XLA:CPU compile time dominates these tiny runs (about halved); the
-# programs compared against each other always use the same flags.
-_FAST_COMPILE = "--xla_backend_optimization_level=0"
+# XLA:CPU compile time dominates these tiny runs. LLVM -O0 about halves it; the
+# classic loop emitters instead of the new fusion emitters (MLIR) halve it again
+# (a tiny U-Net's train step: ~9 s -> ~4 s of CPU). The programs compared against each
+# other always use the same flags.
+_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {_FAST_COMPILE}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # JAX's persistent compilation cache, shared by this process and every command-line
@@ -61,6 +63,13 @@ TINY_FLAGS = [
 ]
 
 
+def cli_env(devices: int = 1, optimize: bool = False) -> dict:
+  """os.environ for a command-line process with `devices` virtual CPU devices, compiled
+  with the test flags (`_FAST_COMPILE`) unless `optimize`."""
+  xla = f"--xla_force_host_platform_device_count={devices}" + ("" if optimize else f" {_FAST_COMPILE}")
+  return dict(os.environ, XLA_FLAGS=xla, JAX_PLATFORMS="cpu")
+
+
 def run_cli(script: str, args, *, devices: int = 1, timeout: float = 600, check: bool = True,
             env=None, optimize: bool = False):
   """Runs `launch/<script>.py` in a fresh process with `devices` virtual CPU devices
@@ -68,12 +77,58 @@ def run_cli(script: str, args, *, devices: int = 1, timeout: float = 600, check:
   output tail when check fails."""
   import subprocess
   import sys
-  xla = f"--xla_force_host_platform_device_count={devices}" + ("" if optimize else f" {_FAST_COMPILE}")
-  e = dict(os.environ, XLA_FLAGS=xla, JAX_PLATFORMS="cpu", **(env or {}))
+  e = dict(cli_env(devices, optimize), **(env or {}))
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", f"{script}.py"), *args],
                         capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT)
   if check and proc.returncode != 0:
     raise AssertionError(f"{script} {args} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+  return proc
+
+
+def run_train_in_process(args, *, devices=1, check: bool = True):
+  """diffusion-jax-train's own entry point (`launch/train.py`'s `run()`: the same flag
+  parsing, main and error handling) in this process, on its first `devices` devices
+  (None: all 8, as `run_cli(..., devices=8)`). Saves a fresh interpreter's imports and
+  start-up (~5 s a run). Its programs are those of a 1-device command line, but the
+  compilation cache key includes the process's device count, so they are shared
+  only with other runs in this process; and results are close to a 1-device
+  process's, not bitwise (XLA:CPU partitions its threads by the device count), so
+  runs compared bitwise are both one or the other. Returns a CompletedProcess
+  (returncode from SystemExit, stdout and stderr as the command line prints them,
+  absl's log lines aside). The real process boundary (signals, exit status, console
+  script) is tests/test_cli.py's."""
+  import contextlib
+  import functools
+  import io
+  import subprocess
+  import sys
+  from unittest import mock
+
+  import jax
+  from absl import flags, logging
+  from diffusion_jax.training import loop
+  from diffusion_jax_launch import train
+  argv = [os.path.join(ROOT, "launch", "train.py"), *map(str, args)]
+  # A fresh parse, as in a new process (ml_collections defines the --config.<key>
+  # override flags while parsing: they go too).
+  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+    delattr(flags.FLAGS, name)
+  flags.FLAGS.unparse_flags()
+  out, err, code = io.StringIO(), io.StringIO(), 0
+  verbosity = logging.get_verbosity()
+  train_on = loop.train if devices is None else functools.partial(
+      loop.train, devices=jax.devices()[:devices])
+  with mock.patch.object(sys, "argv", argv), mock.patch.object(loop, "train", train_on), \
+       contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      train.run()
+    except SystemExit as e:
+      code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+    finally:
+      logging.set_verbosity(verbosity)
+  proc = subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+  if check and code != 0:
+    raise AssertionError(f"train {args} exited {code}:\n{proc.stderr[-4000:]}")
   return proc
 
 

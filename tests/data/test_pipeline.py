@@ -61,7 +61,8 @@ def test_builders_prepare_array_record(data_dir):
     assert builder.info.splits["test"].num_examples == n_test
     for split, n in (("train", n_train), ("test", n_test)):
       _, info = data.get_source(name, split, data_dir)
-      assert info == data.DatasetInfo((size, size, 1), 10, n)
+      # Both are digits: captions come from their labels (text.digit_caption).
+      assert info == data.DatasetInfo((size, size, 1), 10, n, label_captions=True)
   _, mnist_test = data.load_arrays("mnist5k", "test", data_dir)
   _, mnist_train = data.load_arrays("mnist5k", "train", data_dir)
   assert np.all(np.bincount(mnist_test) == 50)

@@ -29,6 +29,9 @@ def test_train_cli_then_held_out_retrieval(data_dir, tmp_path):
   assert {"loss", "i2t", "t2i", "i2t_class", "t2i_class", "logit_scale"} <= set(metrics[-1])
   assert metrics[-1]["loss"] < metrics[0]["loss"]
   assert not (tmp_path / "samples").exists()  # nothing to generate
+  # The config's own model, through the command line, checkpointed at the end: this
+  # holds tests/training/test_loop.py's every-config invariant for digits_clip.py.
+  assert os.listdir(tmp_path / "checkpoints") == ["150"]
   results = clip_task.evaluate_run(str(tmp_path))
   assert results["step"] == 150 and results["num_examples"] == 296 and results["chance"] == 0.1
   assert results["i2t_class"] > 0.5 and results["t2i_class"] > 0.5, results

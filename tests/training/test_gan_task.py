@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, assert_trees_equal, read_metrics, run_cli, tiny_config
+from conftest import (ROOT, assert_trees_equal, read_metrics, run_cli, run_train_in_process,
+                      tiny_config)
 from diffusion_jax import data
 from diffusion_jax.evaluation import metrics as metrics_lib
 from diffusion_jax import runs
@@ -113,16 +114,16 @@ def test_slerp_and_linear_interpolation():
 
 
 def test_train_sample_and_interpolate_through_the_command_line(data_dir, tmp_path):
-  """configs/gan_digits.py (small) trained through the CLI, then diffusion-jax-sample
-  with labels (the requested labels written back, float values beside uint8), and linear /
+  """configs/gan_digits.py (small) trained by diffusion-jax-train's entry point (in this
+  process, 1 device), then diffusion-jax-sample (separate processes) with labels (the requested labels written back, float values beside uint8), and linear /
   slerp interpolation strips whose end points are the generator at z0 and z1; diffusion
   sampler options are refused by name (in process)."""
   w = tmp_path / "run"
-  run_cli("train", [f"--config={os.path.join(ROOT, 'configs', 'gan_digits.py')}",
-                    f"--workdir={w}", f"--config.data.data_dir={data_dir}",
-                    "--config.gan.channels=8", "--config.gan.latent_dim=8",
-                    "--config.data.batch_size=16", "--config.train.num_steps=3",
-                    "--config.train.log_every=1", "--config.sample.per_class=2"])
+  run_train_in_process([f"--config={os.path.join(ROOT, 'configs', 'gan_digits.py')}",
+                        f"--workdir={w}", f"--config.data.data_dir={data_dir}",
+                        "--config.gan.channels=8", "--config.gan.latent_dim=8",
+                        "--config.data.batch_size=16", "--config.train.num_steps=3",
+                        "--config.train.log_every=1", "--config.sample.per_class=2"])
   assert os.listdir(w / "samples") == ["step_0000003.png"]
   out = tmp_path / "s.npz"
   run_cli("sample", [f"--workdir={w}", "--num_samples=6", "--labels=3,7", f"--output={out}",

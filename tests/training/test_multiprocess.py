@@ -16,14 +16,15 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_FLAGS
+from conftest import _FAST_COMPILE, ROOT, TINY_FLAGS
 
 STEPS = 6
 TIMEOUT_S = 300
-# Both sides get the same XLA flags. LLVM -O0 cuts the CPU compile of the tiny model
-# ~2x (the processes compile concurrently on 2 cores); numerics are those of the same
-# HLO, and the comparison is between runs that share these flags.
-XLA_FLAGS = "--xla_backend_optimization_level=0"
+# Both sides get the same XLA flags, the tests' fast-compile ones (conftest): they cut
+# the CPU compile of the tiny model ~4x (the processes compile concurrently on 2
+# cores); numerics are those of the same HLO, and the comparison is between runs that
+# share these flags.
+XLA_FLAGS = _FAST_COMPILE
 
 
 def _free_port() -> int:

@@ -1,12 +1,13 @@
 """Every objective and every sampler in a real (small) training run through the command
-line: each row trains a few steps of the diffusion task with `launch/train.py` (its
-end-of-run sample grid uses the row's sampler), then samples with `launch/sample.py`.
+line: each row trains a few steps of the diffusion task with `launch/train.py`'s entry
+point (in this process, on 1 device; its end-of-run sample grid uses the row's
+sampler), then samples with `launch/sample.py` (a separate process).
 Together the rows cover every path, prediction, loss weighting, time sampling and
 sampler. One row runs by default; `-m slow` runs the rest."""
 import numpy as np
 import pytest
 
-from conftest import quickstart_args, read_metrics, run_cli
+from conftest import quickstart_args, read_metrics, run_cli, run_train_in_process
 
 _slow = pytest.mark.slow  # each row compiles its own step and sampler (~25-30 s)
 ROWS = [  # path, prediction, loss weight, time sampling, sampler
@@ -35,7 +36,7 @@ def test_objective_and_sampler_through_the_command_line(data_dir, tmp_path, path
     flags += ["--config.diffusion.sigma_min=0.002", "--config.diffusion.sigma_max=80.0"]
   if path == "vp_discrete" and sampler == "ddim":
     flags += ["--config.diffusion.beta_schedule=cosine"]
-  run_cli("train", quickstart_args(tmp_path, data_dir, *flags))
+  run_train_in_process(quickstart_args(tmp_path, data_dir, *flags))
   metrics = read_metrics(tmp_path)
   assert [m["step"] for m in metrics] == [1, 2, 3]
   assert all(np.isfinite(m["loss"]) and m["nonfinite"] == 0 and m["grad_norm"] > 0

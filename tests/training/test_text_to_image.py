@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_train_in_process
 from diffusion_jax import config as config_lib, data, parallel, runs
 from diffusion_jax.data import text as text_lib
 from diffusion_jax.nets import clip as clip_net
@@ -99,8 +99,10 @@ def test_clip_conditioned_dit_through_the_command_line(clip_run, data_dir, tmp_p
 
 
 def test_text_config_errors_are_named(data_dir, tmp_path):
-  proc = run_cli("train", [f"--config={ROOT}/configs/digits_t2i.py", f"--workdir={tmp_path}",
-                           f"--config.data.data_dir={data_dir}"], check=False)
+  """diffusion-jax-train's entry point (in this process) names the missing key."""
+  proc = run_train_in_process([f"--config={ROOT}/configs/digits_t2i.py",
+                               f"--workdir={tmp_path}", f"--config.data.data_dir={data_dir}"],
+                              check=False)
   assert proc.returncode != 0 and "config.text.clip_workdir" in proc.stderr
   assert not os.path.exists(tmp_path / "checkpoints")
 
@@ -136,18 +138,22 @@ class _Captioned(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 def test_precomputed_embeddings_train_and_sample(tmp_path):
+  """The embeddings of a dataset feature through the loop (1 device), its grid and the
+  sampler. The U-Net is one level with only the middle attention block (self- and
+  cross-attention to the embeddings): what is tested is the text path, not the size."""
   data_dir = tmp_path / "tfds"
   _Captioned(data_dir=data_dir, file_format="array_record").download_and_prepare()
   c = config_lib.base()
   c.data.name, c.data.data_dir, c.data.batch_size = "toy_captioned", str(data_dir), 16
-  c.model.channels, c.model.channel_mult, c.model.num_res_blocks = 8, (1, 2), 1
-  c.model.attn_resolutions, c.model.num_heads = (4,), 2
+  c.model.channels, c.model.channel_mult, c.model.num_res_blocks = 8, (1,), 1
+  c.model.attn_resolutions, c.model.num_heads = (), 2
   c.text.encoder, c.text.embedding_feature = "precomputed", "t5"
   c.sample.num_steps, c.sample.per_class = 2, 1
   c.optim.warmup_steps, c.train.num_steps, c.train.checkpoint_every = 2, 4, 4
   c.train.async_checkpointing = False
   config_lib.validate(c)
-  final = loop.train(c, str(tmp_path / "w"))
+  devices = jax.devices()[:1]
+  final = loop.train(c, str(tmp_path / "w"), devices=devices)
   assert os.listdir(tmp_path / "w" / "samples") == ["step_0000004.png"]  # grid from the data
   assert any(k.startswith("CrossAttention2D") for k in final.params)  # text attention
 
@@ -157,7 +163,7 @@ def test_precomputed_embeddings_train_and_sample(tmp_path):
   emb = np.zeros((2, 3, 5), np.float32)
   emb[0, 0, 0] = emb[1, 0, 1] = 1.0
   sample_fn = generate.compile_sampler(gen.sample(num_steps=2))
-  mesh = parallel.make_mesh(c.mesh)
+  mesh = parallel.make_mesh(c.mesh, devices)
   images = generate.generate(sample_fn, final.params,
                              {"label": np.zeros(2, np.int32), "text_embedding": emb},
                              jax.random.key(0), mesh)
