@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -188,10 +187,17 @@ def split_for_pmap(local_batch, n_devices: int | None = None):
 
 
 def replicate(tree, n_devices: int | None = None):
-  """Stacks a copy per local device (pmap shards the leading axis over devices)."""
+  """Stacks a copy per local device (pmap shards the leading axis over devices). On the
+  host, in numpy: a jnp op per leaf would compile one program per parameter shape."""
   n = n_devices or jax.local_device_count()
-  return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), tree)
+  return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
 
 
 def unreplicate(tree):
-  return jax.tree.map(lambda x: x[0], tree)
+  """The first device's copy of every leaf of a pmap output (numpy), read from its
+  shard rather than indexed (indexing would compile a program per leaf)."""
+  def first(x):
+    if isinstance(x, jax.Array):
+      return np.asarray(x.addressable_shards[0].data)[0]
+    return np.asarray(x)[0]
+  return jax.tree.map(first, tree)

@@ -121,6 +121,7 @@ def test_the_wheel_ships_the_configs_and_they_resolve_there(tmp_path):
   assert launch == str(site / "diffusion_jax_launch" / "__init__.py") and steps == "32"
 
 
+@pytest.mark.slow  # the wheel test above holds resolution from the installed layout
 def test_train_a_shipped_config_by_name_outside_the_checkout(tmp_path, data_dir):
   """`diffusion-jax-train --config=quickstart` from a directory that has no configs/."""
   w = tmp_path / "run"

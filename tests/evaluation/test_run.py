@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_FLAGS, quickstart_args, run_cli
+from conftest import ROOT, TINY_FLAGS, quickstart_args, run_cli, run_train_in_process
 from diffusion_jax import config as config_lib, data, parallel, runs as runs_lib, samplers
 from diffusion_jax.diffusion import likelihood, predictions
 from diffusion_jax.evaluation import run as eval_run
@@ -24,15 +24,15 @@ LIKELIHOOD = dict(images=12, steps=4)
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
   """A tiny clean-image domain classifier run, then a tiny diffusion run that evaluates
-  itself every 2 steps in that feature space (CLI: diffusion-jax-train passes the
-  evaluator to the loop). The loop's eval/ is kept aside as loop_eval/ (the tests below
+  itself every 2 steps in that feature space (diffusion-jax-train's entry point, in
+  process: it passes the evaluator to the loop). The loop's eval/ is kept aside as loop_eval/ (the tests below
   rewrite eval/)."""
   w = tmp_path_factory.mktemp("eval")
-  run_cli("train", [f"--config={os.path.join(ROOT, 'configs', 'digits_classifier.py')}",
-                    f"--workdir={w / 'cls'}", f"--config.data.data_dir={data_dir}", *TINY_FLAGS,
-                    "--config.classifier.noise_conditional=False",
-                    "--config.train.num_steps=4"])
-  run_cli("train", quickstart_args(
+  run_train_in_process([f"--config={os.path.join(ROOT, 'configs', 'digits_classifier.py')}",
+                        f"--workdir={w / 'cls'}", f"--config.data.data_dir={data_dir}",
+                        *TINY_FLAGS, "--config.classifier.noise_conditional=False",
+                        "--config.train.num_steps=4"])
+  run_train_in_process(quickstart_args(
       w / "model", data_dir, "--config.train.num_steps=4", "--config.eval.every=2",
       f"--config.eval.feature_workdir={w / 'cls'}", f"--config.eval.metrics={SAMPLE_METRICS}",
       "--config.eval.num_samples=40", "--config.eval.batch_size=16"))
@@ -76,14 +76,13 @@ def test_evaluate_command(runs, evaluated):
   assert os.path.exists(runs / "cls" / "ref_stats" / "sklearn_digits_test.npz")
   with np.load(runs / "cls" / "ref_stats" / "sklearn_digits_test.npz") as f:
     assert f["mu"].shape == (16,) and f["sigma"].shape == (16, 16)  # pytorch-fid layout
-  model = f"--workdir={runs / 'model'}"
-  bad = run_cli("evaluate", [model, f"--config.eval.feature_workdir={runs / 'model'}"],
-                check=False)
-  assert bad.returncode != 0 and "config.task='diffusion' run, which provides no features" \
-      in bad.stderr and str(runs / "model") in bad.stderr
-  bad = run_cli("evaluate", [model, "--config.eval.metrics=fd,bogus"], check=False)
-  assert bad.returncode != 0 and "bogus" in bad.stderr
-  bad = run_cli("evaluate", [model, "--config.model.channels=4"], check=False)
+  model = str(runs / "model")
+  with pytest.raises(ValueError, match=f"feature_workdir={model} is a config.task="
+                     "'diffusion' run, which provides no features"):
+    eval_run.evaluate(model, overrides={"eval.feature_workdir": model})
+  with pytest.raises(ValueError, match="bogus"):
+    eval_run.evaluate(model, overrides={"eval.metrics": ("fd", "bogus")})
+  bad = run_cli("evaluate", [f"--workdir={model}", "--config.model.channels=4"], check=False)
   assert bad.returncode != 0 and "config.model.channels" in bad.stderr
 
 

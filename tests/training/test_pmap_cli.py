@@ -1,13 +1,14 @@
-"""train.parallel='pmap' through the real command line: the same step body compiled
-with jax.pmap (2 devices, gradients averaged by lax.pmean) logs the same losses and
-ends with the same parameters as the jit path (in process, 1 device)."""
+"""train.parallel='pmap' through diffusion-jax-train's entry point (`launch/train.py`'s
+flag parsing and main, in this process): the same step body compiled with jax.pmap (2
+devices, gradients averaged by lax.pmean) logs the same losses and ends with the same
+parameters as the jit path (1 device)."""
 import ast
 
 import jax
 import numpy as np
 
 from conftest import TINY_FLAGS, assert_trees_equal, load_state, quickstart_args, read_metrics
-from conftest import run_cli
+from conftest import run_train_in_process
 from diffusion_jax.training import loop
 from diffusion_jax_configs import quickstart
 
@@ -31,8 +32,8 @@ def _as_config(data_dir, flags):
 
 
 def test_pmap_command_line_equals_jit(data_dir, tmp_path):
-  run_cli("train", quickstart_args(tmp_path / "pmap", data_dir, "--config.train.parallel=pmap",
-                                   *SGD), devices=2)
+  run_train_in_process(quickstart_args(tmp_path / "pmap", data_dir,
+                                       "--config.train.parallel=pmap", *SGD), devices=2)
   loop.train(_as_config(data_dir, TINY_FLAGS + SGD), str(tmp_path / "jit"),
              devices=jax.devices()[:1])
   got, want = read_metrics(tmp_path / "pmap"), read_metrics(tmp_path / "jit")
