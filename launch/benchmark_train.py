@@ -92,6 +92,13 @@ def _host_batches(config, info, task):
 def main(argv):
   del argv
   common.start()
+  try:
+    _benchmark()
+  except common.USER_ERRORS as e:
+    common.fail(e)
+
+
+def _benchmark():
   config = _CONFIG.value
   config_lib.validate(config)
   mesh = parallel.make_mesh(config.mesh)
@@ -100,14 +107,14 @@ def main(argv):
     shape = tuple(int(v) for v in _SYNTHETIC.value)
     if len(shape) != 3:
       raise ValueError(f"--synthetic={','.join(_SYNTHETIC.value)}: expected H,W,C")
-    if config.task == "clip" or config.text.encoder:
-      raise ValueError("--synthetic makes images and labels only; this config "
-                       "(config.task / config.text.encoder) needs captions")
     info = data.DatasetInfo(image_shape=shape, num_classes=_SYNTHETIC_CLASSES.value,
                             num_examples=0)
   else:
     info = loop.dataset_info(config)
   task = tasks.make(config, info)
+  if _SYNTHETIC.value and task.text is not None:
+    raise ValueError("--synthetic makes images and labels only; this config's task "
+                     "trains on captions")
   init_key, step_root, _ = loop.keys(config.seed)
   abstract = jax.eval_shape(task.init, init_key)
   shardings = parallel.state_shardings(mesh, abstract, config.mesh)

@@ -28,8 +28,9 @@ flags.mark_flags_as_required(["workdir"])
 def measure(workdir: str, per_prompt: int = 3, seed: int = 1) -> dict:
   comp = runs.load(workdir)
   config = comp.config
-  if not config.text.encoder or config.data.name not in data.builders.EMBEDDED:
-    raise ValueError(f"{workdir}: expected a text-conditional run on an embedded digit set")
+  if not config.text.encoder or not comp.info.label_captions:
+    raise ValueError(f"{workdir}: expected a text-conditional run on a dataset captioned "
+                     "by its labels (the embedded digits)")
   gen = generate.generator_of(comp)
   d = config.data.data_dir
   params = mlp.train(*data.load_arrays(config.data.name, "train", d), 10)
