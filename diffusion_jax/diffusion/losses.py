@@ -1,4 +1,5 @@
-"""Denoising objectives: E_{t,x,z} w(t)·‖f_θ(x_t, t) − (c(t)·x + d(t)·z)‖² (seed 000, 002),
+"""Denoising objectives: E_{t,x,z} w(t)·‖f_θ(x_t, t) − (c(t)·x + d(t)·z)‖² (Ho et al. 2020 eq. 14;
+Kingma et al. 2021),
 with w(t) from `predictions.loss_weight` (uniform, SNR, min-SNR-γ, EDM, VLB).
 
 With prediction='velocity' on the flow path this is rectified flow / conditional flow

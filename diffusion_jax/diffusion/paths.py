@@ -1,7 +1,8 @@
 """Gaussian probability paths x_t = a(t)·x + b(t)·z, t ∈ [0, 1] (0 = data, 1 = noise).
 
-Every diffusion process of the notes is an instance of one form (seed 000,
-"generalized diffusion"; seed 004, the diffusion kernel q(x_t | x_0)):
+Every diffusion process here is an instance of one form, the Gaussian kernel
+q(x_t | x_0) (Kingma et al. 2021, VDM eq. 1; Karras et al. 2022, EDM eq. 1 with
+s(t)·x + s(t)σ(t)·z):
 
 * flow (rectified flow):  a = 1 − t,  b = t.
 * vp_discrete (DDPM), T steps: a = sqrt(ᾱ_i), b = sqrt(1 − ᾱ_i) at t = i/T with

@@ -1,6 +1,6 @@
 """What the network predicts, and exact conversions between predictions.
 
-The network predicts the target c(t)·x + d(t)·z (seed 000: "generalized diffusion"):
+The network predicts the target c(t)·x + d(t)·z (a linear combination of data and noise, as in Kingma et al. 2021 and Salimans & Ho 2022):
 
   prediction   c(t)      d(t)
   ---------    -------   -------

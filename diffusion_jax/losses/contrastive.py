@@ -1,4 +1,5 @@
-"""Contrastive image–text losses over a batch of B matched pairs (seed 001, "CLIP loss").
+"""Contrastive image–text losses over a batch of B matched pairs (CLIP, Radford et al.
+2021; SigLIP, Zhai et al. 2023).
 
 x_i, y_j: L2-normalised image and text embeddings [B, D]; pair (i, i) matches, every
 (i, j ≠ i) is an in-batch negative.

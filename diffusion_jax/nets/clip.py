@@ -1,4 +1,4 @@
-"""A CLIP-style dual encoder (Radford et al. 2021; seed 001, "CLIP"): a text transformer
+"""A CLIP-style dual encoder (Radford et al. 2021): a text transformer
 and a Vision Transformer (Dosovitskiy et al. 2020) projected into one embedding space.
 
 Text, tokens [B, L] (data/text.py; 0 = PAD, L ≤ max_length):

@@ -1,4 +1,4 @@
-"""The Diffusion Transformer (DiT, Peebles & Xie 2023; seed 000), with text conditioning
+"""The Diffusion Transformer (DiT, Peebles & Xie 2023), with text conditioning
 by cross-attention (PixArt-α) or MMDiT-style joint attention (SD3, Esser et al. 2024).
 
 x [B, H, W, C], t [B] ∈ [0, 1], labels [B] → prediction [B, H, W, out_channels].

@@ -12,7 +12,7 @@ key array for per-example noise (only StyleGAN uses it; None: no noise, determin
 `train` selects BatchNorm's mode (batch statistics and `batch_stats` updates when True,
 running averages when False).
 
-Networks (seed notes 000, 003, 004):
+Networks:
   mlp       the 2-D toy: MLP G with a linear output; MLP D (projection when conditional).
   dcgan     Radford et al. 2016: transposed-conv G (BatchNorm, ReLU, tanh), strided-conv D
             (LeakyReLU, no pooling); conditional G by conditional BatchNorm (de Vries et
@@ -91,7 +91,7 @@ def _f32(x):
 
 
 class ConditionalBatchNorm(nn.Module):
-  """Conditional BatchNorm (de Vries et al. 2017; Dumoulin et al. 2017; seed note 003):
+  """Conditional BatchNorm (de Vries et al. 2017; Dumoulin et al. 2017):
   a BatchNorm without its own affine, then a per-class scale and shift,
 
       x̂ = (x − μ) / sqrt(σ² + ε),   out = γ_y ⊙ x̂ + β_y,
@@ -212,7 +212,7 @@ class MLPDiscriminator(nn.Module):
 
 
 class DCGANGenerator(nn.Module):
-  """DCGAN generator (Radford et al. 2016; seed note 003's rules: fractionally-strided
+  """DCGAN generator (Radford et al. 2016's rules: fractionally-strided
   convolutions, BatchNorm, ReLU, tanh output):
 
       z → Dense(s_h·s_w·c·2^(n−1)) → [B, s_h, s_w, c·2^(n−1)] → BN → ReLU
@@ -303,7 +303,7 @@ def pixel_norm(z, eps: float = 1e-8):
 
 
 class AdaIN(nn.Module):
-  """Adaptive instance normalisation (Huang & Belongie 2017; StyleGAN, seed note 000):
+  """Adaptive instance normalisation (Huang & Belongie 2017; StyleGAN, Karras et al. 2019):
 
       AdaIN(x, w) = y_s(w) ⊙ (x − μ(x)) / σ(x) + y_b(w),
       y_s = 1 + Dense(w),  y_b = Dense(w)     (both Dense initialised to zero),

@@ -1,4 +1,4 @@
-"""The U-Net denoiser (DDPM, Ho et al. 2020; ADM, Dhariwal & Nichol 2021; seed 002),
+"""The U-Net denoiser (DDPM, Ho et al. 2020; ADM, Dhariwal & Nichol 2021),
 with optional text conditioning by cross-attention (Rombach et al. 2022, LDM / Stable
 Diffusion).
 

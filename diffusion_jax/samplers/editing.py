@@ -1,5 +1,5 @@
-"""Editing with any sampler: SDEdit and inpainting (seed 002; DESIGN layer 2: editing is
-a sampler variant, not a new model).
+"""Editing with any sampler: SDEdit and inpainting (editing is a sampler
+variant, not a new model).
 
 SDEdit (Meng et al. 2022). Noise an input y to t₀ with the forward marginal
 

@@ -1,11 +1,11 @@
 """Guidance: classifier-free (on the network) and classifier (on the denoiser).
 
-Classifier-free guidance (Ho & Salimans 2022; seed 000, "CFG"):
+Classifier-free guidance (Ho & Salimans 2022):
 
     f̃(x_t, t, y) = (1 + w)·f(x_t, t, y) − w·f(x_t, t, ∅)
 
 w = 0 is the conditional model, w > 0 sharpens towards the class. On scores this is
-the notes' γ-interpolation γ·∇log p_t(x|y) + (1 − γ)·∇log p_t(x) with γ = 1 + w. Because the
+the γ-interpolation γ·∇log p_t(x|y) + (1 − γ)·∇log p_t(x) with γ = 1 + w. Because the
 prediction conversions are linear in f for fixed (x_t, t), guiding the prediction
 equals guiding x̂₀, ε̂, the score or the velocity. The conditional and unconditional
 passes are batched into one network call.
@@ -30,7 +30,7 @@ def classifier_free(model_fn, guidance: float, null_label: int):
 
 
 def classifier(denoiser, path, log_prob_fn, scale: float):
-  """Classifier guidance (Dhariwal & Nichol 2021; Song et al. 2021, eq. 14; seed 002):
+  """Classifier guidance (Dhariwal & Nichol 2021; Song et al. 2021, eq. 14):
   the score gains s·∇log p(y | x_t, t),
 
       score' = score + s·g,   g = ∇_x log p(y | x_t, t),

@@ -11,7 +11,7 @@ type because they see only the denoiser's (x̂₀, ε̂) and the path's (a, b).
 
 For s < t the forward transition of a Gaussian path is
     q(x_t | x_s) = N(a_{t|s}·x_s, σ²_{t|s}),  a_{t|s} = a_t/a_s,  σ²_{t|s} = b_t² − a_{t|s}²·b_s²
-and its posterior (seed 002 and 004, DDPM's q(x_{t−1} | x_t, x_0); VDM appendix A) is
+and its posterior (DDPM's q(x_{t−1} | x_t, x_0), Ho et al. 2020 eq. 7; VDM appendix A) is
     q(x_s | x_t, x₀) = N(μ, σ̃²),
     μ = a_{t|s}·b_s²/b_t² · x_t + a_s·σ²_{t|s}/b_t² · x₀,   σ̃² = σ²_{t|s}·b_s²/b_t².
 """
@@ -295,7 +295,7 @@ def edm(denoiser, path, x, keys, num_steps: int, s_churn: float = 0.0, s_tmin: f
 def annealed_langevin(denoiser, path, x, keys, num_steps: int, steps_per_level: int = 10,
                       step_size: float = 0.5, spacing: str = "uniform",
   t_start: float = 1.0):
-  """Annealed Langevin dynamics (NCSN; Song & Ermon 2019, Alg. 1; seed 002).
+  """Annealed Langevin dynamics (NCSN; Song & Ermon 2019, Alg. 1).
 
   For each noise level t_0 = 1 > … > t_{N−1} of the grid, `steps_per_level` Langevin
   steps on p_t:

@@ -217,7 +217,7 @@ def slerp(z0, z1, s):
 def interpolate(config, info, tree, key, labels, num_points: int, method: str = "linear"):
   """Latent interpolation strips: for each label (row r), z0 = N(fold_in(key, 2r)) and
   z1 = N(fold_in(key, 2r + 1)), the generator at num_points evenly spaced points from z0
-  to z1 ("linear": (1 − s)z0 + s·z1, as in the notes; "slerp") → x [R, num_points,
+  to z1 ("linear": (1 − s)z0 + s·z1; "slerp") → x [R, num_points,
   H, W, C] (no noise injection)."""
   if method not in ("linear", "slerp"):
     raise ValueError(f"interpolation {method!r}: expected linear | slerp")
