@@ -45,15 +45,19 @@ def read(workdir: str, step: int | None = None):
   """(config, info, step) of a run's checkpoint `step` (default: the latest)."""
   mngr = checkpoint.manager(workdir, read_only=True)
   try:
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
-    if step not in mngr.all_steps():
-      raise FileNotFoundError(f"no checkpoint of step {step} in {mngr.directory} (it has "
-                              f"{sorted(mngr.all_steps())})")
-    meta = checkpoint.read_meta(mngr, step)
+    return _read(mngr, step)
   finally:
     mngr.close()
+
+
+def _read(mngr, step):
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
+  if step not in mngr.all_steps():
+    raise FileNotFoundError(f"no checkpoint of step {step} in {mngr.directory} (it has "
+                            f"{sorted(mngr.all_steps())})")
+  meta = checkpoint.read_meta(mngr, step)
   return config_lib.from_json(meta["config"]), dataset_info(meta), step
 
 
@@ -86,11 +90,11 @@ def load(workdir: str, *, step: int | None = None, params: str = "ema",
   """
   if params not in PARAMS:
     raise ValueError(f"params={params!r}: expected one of {sorted(PARAMS)}")
-  config, info, step = read(workdir, step)
-  mesh = parallel.make_mesh(config_lib.base().mesh) if mesh is None else mesh
   entry = PARAMS[params]
   mngr = checkpoint.manager(workdir, read_only=True)
   try:
+    config, info, step = _read(mngr, step)
+    mesh = parallel.make_mesh(config_lib.base().mesh) if mesh is None else mesh
     saved = mngr.item_metadata(step)["state"]
     tree = getattr(saved, "tree", saved)[entry]  # orbax's tree metadata, as a dict
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)

@@ -41,7 +41,7 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def _conditional_run(workdir: str, step):
-  """(config, info, step) of a run whose samples are conditioned on its dataset's
+  """(config, info, step, generator) of a run whose samples are conditioned on its dataset's
   classes (its generator's num_classes: by label or by caption); ValueError otherwise."""
   config, info, step = runs.read(workdir, step)
   generator = tasks.make(config, info).generator
@@ -53,7 +53,7 @@ def _conditional_run(workdir: str, step):
            "config.model.class_conditional=False and no config.text.encoder")
     raise ValueError(f"{workdir} holds an unconditional {config.task!r} run ({why}): "
                      "class accuracy needs a class-conditional model")
-  return config, info, step
+  return config, info, step, generator
 
 
 def main(argv):
@@ -63,7 +63,7 @@ def main(argv):
   try:
     if _NUM.value < 1:
       raise ValueError(f"--num_samples={_NUM.value}: must be >= 1")
-    config, info, step = _conditional_run(_WORKDIR.value, _STEP.value)
+    config, info, step, generator = _conditional_run(_WORKDIR.value, _STEP.value)
     images, labels, _ = generate.sample_run(
         _WORKDIR.value, _NUM.value, seed=_SEED.value, sampler=_SAMPLER.value,
         num_steps=_STEPS.value, guidance=_GUIDANCE.value, step=step,
@@ -88,7 +88,7 @@ def main(argv):
       "per_class": [round(float(np.mean(correct[labels == c])), 4) if np.any(labels == c)
                     else None for c in range(ncls)],
   }
-  if config.task != "gan":
+  if "sampler" in generator.options:  # settings that describe the samples
     report.update(sampler=_SAMPLER.value or config.sample.sampler,
                   steps=_STEPS.value or config.sample.num_steps,
                   guidance=config.sample.guidance if _GUIDANCE.value is None

@@ -161,7 +161,7 @@ def _train(config, workdir, devices, preemption, make_evaluator):
     metrics = run_step(next(data_iter), jax.random.fold_in(step_root, step))
     step += 1
     pending.append(metrics)
-    if tc.on_nonfinite == "stop" and int(metrics["nonfinite"]):
+    if tc.on_nonfinite == "stop" and int(_first(metrics["nonfinite"])):
       mngr.wait_until_finished()
       raise FloatingPointError(
           f"non-finite loss or gradients at step {step} (config.train.on_nonfinite="
@@ -169,8 +169,8 @@ def _train(config, workdir, devices, preemption, make_evaluator):
           f"{mngr.directory} are intact")
     if step % tc.log_every == 0 or step == num_steps:
       host = jax.device_get(pending)
-      means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-      means["nonfinite"] = float(np.sum([m["nonfinite"] for m in host]))
+      means = {k: float(np.mean([_first(m[k]) for m in host])) for k in host[0]}
+      means["nonfinite"] = float(np.sum([_first(m["nonfinite"]) for m in host]))
       now = time.time()
       rate = (step - s_last) / max(now - t_last, 1e-9)
       means["steps_per_sec"] = rate
@@ -206,7 +206,8 @@ def _train(config, workdir, devices, preemption, make_evaluator):
 def _compile_step(config, task, mesh, shardings, state):
   """(run_step(host_batch, key) -> metrics, current() -> the state on `shardings`):
   the generic step of `task` compiled with jit over the mesh, or with pmap over its
-  devices (config.train.parallel), state held between calls (donated)."""
+  devices (config.train.parallel), state held between calls (donated). Metrics are
+  scalars under jit, one copy per device under pmap (`_first` reads either)."""
   body = step_lib.make_train_step(task)
   held = {"state": state}
   if config.train.parallel == "jit":
@@ -232,7 +233,7 @@ def _compile_step(config, task, mesh, shardings, state):
     held["replicated"], metrics = step_fn(
         held["replicated"], parallel.split_for_pmap(batch, len(devices)), key)
     held["fresh"] = False
-    return jax.tree.map(lambda x: x[0], metrics)  # equal on every device (pmean)
+    return metrics  # [devices] each, equal on every device (pmean): read with _first
 
   def current():
     if not held["fresh"]:  # the jit layout, for checkpoints, grids and evaluation
@@ -240,6 +241,12 @@ def _compile_step(config, task, mesh, shardings, state):
       held["fresh"] = True
     return held["state"]
   return run_step, current
+
+
+def _first(value):
+  """A metric on the host: a scalar (jit) or the first of its per-device copies (pmap,
+  all equal after the pmean), read without a device program."""
+  return np.asarray(jax.device_get(value)).reshape(-1)[0]
 
 
 def _compile_init(init_fn, shardings, key):

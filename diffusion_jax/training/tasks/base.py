@@ -104,12 +104,15 @@ class Generator:
     unconditional); evaluation cycles labels 0..num_classes-1.
   interpolate(params, key, labels [R], num_points, method) -> x [R, P, ...] or None:
     latent interpolation strips (GANs).
+  options: the `sample` options it uses (a one-pass generator: none), so callers
+    know which settings describe its samples.
   """
   sample: Callable[..., SampleFn]
   conditioning: Callable[..., dict]
   grid: Callable[[], tuple[dict, int]]
   num_classes: int = 0
   interpolate: Callable | None = None
+  options: tuple[str, ...] = ("sampler", "num_steps", "guidance", "strength", "classifier")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -182,7 +182,7 @@ def make(config, info) -> Task:
 
   ncls = info.num_classes if config.model.class_conditional else 0
   generator = Generator(
-      sample=sample, conditioning=conditioning, num_classes=ncls,
+      sample=sample, conditioning=conditioning, num_classes=ncls, options=(),
       grid=lambda: ({"label": class_grid_labels(ncls, config.sample.per_class)}, ncls or 8),
       interpolate=lambda tree, key, labels, num_points, method="linear": interpolate(
           config, info, tree, key, labels, num_points, method))
