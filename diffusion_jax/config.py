@@ -14,7 +14,11 @@ from ml_collections import config_dict
 
 # Keys whose change makes an existing checkpoint unusable (shapes/structure of the
 # state). Resuming a workdir with a different value is an error naming the key.
-STRUCTURAL_KEYS = ("task", "model", "clip", "gan.generator", "gan.discriminator",
+STRUCTURAL_KEYS = ("task", "model", "clip", "vae.network", "vae.latent_dim", "vae.width",
+                   "vae.depth", "vae.likelihood", "autoencoder.channels",
+                   "autoencoder.layers_per_block", "autoencoder.latent_channels",
+                   "autoencoder.norm_groups", "autoencoder.mid_attention",
+                   "latent.autoencoder", "latent.preset", "gan.generator", "gan.discriminator",
                    "gan.latent_dim", "gan.channels", "gan.d_norm", "gan.mlp_width",
                    "gan.mlp_depth", "gan.style_dim", "gan.mapping_depth",
                    "gan.patch_layers", "data.name", "data.image_size", "optim.name",
@@ -117,6 +121,46 @@ def base() -> ml_collections.ConfigDict:
   c.gan.mapping_depth = 4                 # stylegan: layers of the mapping network
   c.gan.patch_layers = 3                  # patchgan: strided layers (3: 70×70 receptive field)
 
+  # The VAE task (config.task='vae'): a variational autoencoder as a generative model
+  # (Kingma & Welling 2014): encoder q(z|x) = N(μ, σ²), decoder p(x|z), the β-weighted
+  # ELBO; class-conditional when model.class_conditional (encoder and decoder see y).
+  c.vae = ml_collections.ConfigDict()
+  c.vae.network = "mlp"                   # mlp | conv (nets/vae.py)
+  c.vae.latent_dim = 16
+  c.vae.width = 256                       # mlp: hidden width; conv: base channels
+  c.vae.depth = 2                         # mlp: hidden layers; conv: stride-2 levels
+  c.vae.likelihood = "gaussian"           # gaussian (fixed σ) | gaussian_learned | bernoulli | logistic (discretised 8-bit)
+  c.vae.sigma = 0.1                       # gaussian: decoder std on the [-1, 1] scale
+  c.vae.beta = 1.0                        # β of the KL term (β-VAE, Higgins et al. 2017)
+  c.vae.binarize = False                  # bernoulli: x ~ Bernoulli((x + 1)/2) each step (dynamic binarisation)
+
+  # The latent autoencoder (config.task='autoencoder'): the KL-regularised autoencoder
+  # of latent diffusion (Rombach et al. 2022; Esser et al. 2021's losses), the network
+  # of nets/autoencoder.py (diffusers' AutoencoderKL layout). The discriminator is
+  # config.gan's (gan.discriminator='patchgan', gan.patch_layers, gan.channels,
+  # gan.d_norm, gan.d_lr, gan.r1_weight; gan.loss='hinge').
+  c.autoencoder = ml_collections.ConfigDict()
+  c.autoencoder.channels = (64, 128)      # block_out_channels: f = 2^(len − 1)
+  c.autoencoder.layers_per_block = 1
+  c.autoencoder.latent_channels = 4
+  c.autoencoder.norm_groups = 32
+  c.autoencoder.mid_attention = True
+  c.autoencoder.reconstruction = "l1"     # l1 | l2
+  c.autoencoder.perceptual_weight = 0.0   # LPIPS weight (needs lpips_weights)
+  c.autoencoder.lpips_weights = config_dict.placeholder(str)  # LPIPS .npz (nets/lpips.py)
+  c.autoencoder.kl_weight = 1e-6
+  c.autoencoder.disc_weight = 0.5         # adversarial weight (× the adaptive λ)
+  c.autoencoder.disc_start = 0            # step at which the discriminator (and its loss) switch on
+  c.autoencoder.adaptive_weight = True    # λ = ‖∇L_rec‖ / (‖∇L_adv‖ + δ) at the decoder's last layer
+  c.autoencoder.adaptive_max = 1e4        # clamp of λ (latent-diffusion's calculate_adaptive_weight)
+
+  # Latent diffusion: the diffusion task in the latent space of a frozen autoencoder.
+  c.latent = ml_collections.ConfigDict()
+  c.latent.autoencoder = ""               # '' (pixel space) | workdir of a vae/autoencoder run | diffusers AutoencoderKL .safetensors
+  c.latent.preset = ""                    # a .safetensors file's architecture: sd | sdxl | flux
+  c.latent.scale = config_dict.placeholder(float)  # None: the latent cache's or autoencoder's
+  c.latent.shift = config_dict.placeholder(float)  # None: the latent cache's or autoencoder's
+
   # The classifier task (config.task='classifier'): the U-Net's encoder with the
   # config.model size keys, trained on x_t of config.diffusion's path (classifier
   # guidance) or on clean images.
@@ -187,7 +231,7 @@ def base() -> ml_collections.ConfigDict:
   # training loop). Sample metrics need a feature network: a classifier run.
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 0                        # steps between evaluations in the loop; 0 = never
-  c.eval.metrics = ("fd", "kid", "pr", "acc")  # fd | kid | pr | acc | is | clip_score | bpd_vlb | bpd_ode
+  c.eval.metrics = ("fd", "kid", "pr", "acc")  # fd | kid | pr | acc | is | clip_score | bpd_vlb | bpd_ode | bpd_elbo | bpd_iwae | psnr | ssim | lpips | rfd
   c.eval.num_samples = 1000
   c.eval.batch_size = 256                 # global generation batch
   c.eval.seed = 0                         # sample i uses fold_in(key(seed), i)
@@ -199,6 +243,8 @@ def base() -> ml_collections.ConfigDict:
   c.eval.floor_split = "train"
   c.eval.likelihood_images = 1000
   c.eval.likelihood_steps = 100
+  c.eval.iwae_samples = 64                # k of the IWAE bound (bpd_elbo, bpd_iwae)
+  c.eval.lpips_weights = config_dict.placeholder(str)  # LPIPS .npz for the lpips metric
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                        # -1: all devices not used by other axes
@@ -215,7 +261,11 @@ def base() -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
-    "task": ("diffusion", "classifier", "clip", "gan"),
+    "task": ("diffusion", "classifier", "clip", "gan", "vae", "autoencoder"),
+    "vae.network": ("mlp", "conv"),
+    "vae.likelihood": ("gaussian", "gaussian_learned", "bernoulli", "logistic"),
+    "autoencoder.reconstruction": ("l1", "l2"),
+    "latent.preset": ("", "sd", "sdxl", "flux"),
     "model.name": ("unet", "dit"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
@@ -246,7 +296,10 @@ _POSITIVE = ("data.batch_size", "train.num_steps", "train.log_every", "train.kee
              "diffusion.num_steps", "sample.num_steps", "model.channels", "eval.num_samples",
              "eval.batch_size", "eval.likelihood_images", "eval.likelihood_steps",
              "gan.d_steps", "gan.latent_dim", "gan.channels", "gan.mlp_width", "gan.mlp_depth",
-             "gan.style_dim", "gan.mapping_depth", "gan.patch_layers")
+             "gan.style_dim", "gan.mapping_depth", "gan.patch_layers",
+             "vae.latent_dim", "vae.width", "vae.depth", "vae.sigma", "vae.beta",
+             "autoencoder.layers_per_block", "autoencoder.latent_channels",
+             "autoencoder.norm_groups")
 
 
 def get(config, dotted: str):
@@ -269,7 +322,9 @@ def validate(config) -> None:
       raise ValueError(f"config.{key}={get(config, key)!r} must be > 0")
   for key in ("train.checkpoint_every", "train.sample_every", "optim.warmup_steps", "eval.every",
               "sample.per_class",
-              "superres.low_res", "superres.noise_aug", "gan.gp_weight", "gan.r1_weight"):
+              "superres.low_res", "superres.noise_aug", "gan.gp_weight", "gan.r1_weight",
+              "autoencoder.perceptual_weight", "autoencoder.kl_weight",
+              "autoencoder.disc_weight", "autoencoder.disc_start"):
     if get(config, key) < 0:
       raise ValueError(f"config.{key}={get(config, key)!r} must be >= 0")
   if not 0 <= config.diffusion.label_dropout < 1:

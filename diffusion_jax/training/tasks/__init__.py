@@ -9,14 +9,15 @@ protocol and its capabilities: `base.py`).
 import importlib
 
 from diffusion_jax.training.tasks.base import (
-    Features, Generator, Guide, Likelihood, Player, StepContext, Task, TextEncoder)
+    Autoencoder, Bound, Features, Generator, Guide, Likelihood, Player, StepContext, Task,
+    TextEncoder)
 
 # config.task → the module in this package that makes it. Modules are imported when a
 # task is made, so a task may use another run's task (a frozen component) without an
 # import cycle.
-TASKS = ("diffusion", "classifier", "clip", "gan")
+TASKS = ("diffusion", "classifier", "clip", "gan", "vae", "autoencoder")
 
-__all__ = ["TASKS", "Features", "Generator", "Guide", "Likelihood", "Player", "StepContext",
+__all__ = ["TASKS", "Autoencoder", "Bound", "Features", "Generator", "Guide", "Likelihood", "Player", "StepContext",
            "Task", "TextEncoder", "make", "module"]
 
 

@@ -15,6 +15,9 @@ and, where the task has them, capabilities (None where it does not):
     features: Features       it gives a frozen feature function to other runs
     guide: Guide             it guides another run's sampler (classifier guidance)
     text_encoder: TextEncoder  it encodes captions for another run (text-to-image)
+    autoencoder: Autoencoder   it maps images to latents and back (latent diffusion,
+                               latent caching, reconstruction metrics)
+    bound: Bound               it bounds log p(x) by sampling latents (ELBO, IWAE)
 
 Generic code asks `task.generator is None`, never for a task's or a dataset's name.
 The one train step for every task is `training.step.make_train_step(task)`.
@@ -164,6 +167,48 @@ class TextEncoder:
 
 
 @dataclasses.dataclass(frozen=True)
+class Autoencoder:
+  """The capability of an encoder q(z|x) and a decoder (a VAE, the latent autoencoder of
+  latent diffusion, a published Stable Diffusion autoencoder).
+
+  encode(params, x [B, *image_shape] in [-1, 1], labels [B] | None) -> (mean, std)
+    [B, *latent_shape]: the diagonal-Gaussian posterior of the raw latent (std = 0 for a
+    deterministic encoder);
+  decode(params, z [B, *latent_shape], labels [B] | None) -> x̂ [B, *image_shape] in
+    [-1, 1] (the decoder's mean, clipped);
+  image_shape, latent_shape: per-example shapes;
+  scale, shift: the normalisation latent diffusion applies, z_scaled = scale·(z − shift)
+    (Rombach et al. 2022, §4.3.2; the published autoencoders' factors; 1 and 0 for a run
+    without them, whose scale the latent cache measures from the data);
+  conditional: encode/decode need the labels (a class-conditional VAE).
+  """
+  encode: Callable
+  decode: Callable
+  image_shape: tuple
+  latent_shape: tuple
+  scale: float = 1.0
+  shift: float = 0.0
+  conditional: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+  """The capability of a latent-variable lower bound on log p(x) (Kingma & Welling 2014;
+  Burda et al. 2016).
+
+  log_bounds(params, x [B, *shape] in [-1, 1], labels [B], keys [B], num_samples k) ->
+    {"elbo": [B], "iwae": [B]}: log p(x) lower bounds in nats per example of the data the
+    model describes (`discrete`: the 8-bit values, in nats of a probability mass; else a
+    density on [-1, 1]^D, which evaluation dequantises); "iwae" with k importance samples
+    (k = 1 equals the ELBO in expectation).
+  discrete: the decoder is a likelihood over the 256 pixel values (bits/dim directly);
+    False: a density, evaluated on uniformly dequantised data.
+  """
+  log_bounds: Callable
+  discrete: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Task:
   """What every task provides; see the module docstring."""
   init: Callable[[jax.Array], Any]
@@ -174,6 +219,8 @@ class Task:
   features: Features | None = None
   guide: Guide | None = None
   text_encoder: TextEncoder | None = None
+  autoencoder: Autoencoder | None = None
+  bound: Bound | None = None
 
 
 def class_grid_labels(num_classes: int, per_class: int):
