@@ -59,6 +59,21 @@ def dcgan(c, channels, latent_dim):
   return c
 
 
+def latent_autoencoder(c, channels, latent_channels, disc_start, disc_weight=0.5):
+  """The latent autoencoder task (Rombach et al. 2022): block_out_channels `channels`
+  (f = 2^(len − 1)), one ResNet block per level, `latent_channels`, L1 reconstruction,
+  KL weight 1e-6, a hinge PatchGAN (2 strided layers, no normalisation) with the
+  adaptive weight from step `disc_start`."""
+  c.task = "autoencoder"
+  c.model.class_conditional = False
+  c.autoencoder.update(channels=tuple(channels), layers_per_block=1,
+                       latent_channels=latent_channels, norm_groups=8, reconstruction="l1",
+                       kl_weight=1e-6, disc_weight=disc_weight, disc_start=disc_start)
+  c.gan.update(discriminator="patchgan", patch_layers=2, channels=32, d_norm="none",
+               loss="hinge")
+  return c
+
+
 # ---- objective and sampling
 
 def rectified_flow(c, sample_steps, guidance=1.0):

@@ -14,6 +14,9 @@ network dropout draws one mask per call from a single key, so with model.dropout
 the pmap path (one call per device) differs from the jit path; jit on any number of
 devices and hosts still agrees (threefry is partitionable).
 
+A player with `start` > 0 changes nothing (parameters, optimizer state; its EMA
+follows its unchanged parameters) before step `start`.
+
 Non-finite loss or gradients in any update: nothing of the step is applied (every
 player's parameters, EMA and optimizer state keep their old values; the step counter
 advances) and metrics['nonfinite'] is 1; with config.train.on_nonfinite='stop' the
@@ -121,8 +124,12 @@ def make_train_step(task):
         ctx = StepContext(step=state.step, update=u, axis_name=axis_name, state=state,
                           dropout_key=jax.random.fold_in(dropout_root, counter))
         part = jax.tree.map(lambda x: interleaved(x, p.updates, u), batch)
+        before = (params, opt_state)
         params, opt_state, loss, m, grads = _player_update(
             p, params, opt_state, part, interleaved(keys, p.updates, u), ctx)
+        if p.start:  # not yet started: the update is computed, nothing of it kept
+          params, opt_state = jax.lax.cond(state.step >= p.start, lambda: (params, opt_state),
+                                           lambda: before)
         finite &= all_finite(loss, grads)
         counter += 1
       lr = p.schedule(state.step * p.updates)  # its own count of updates

@@ -76,6 +76,8 @@ class Player:
   prefix: metric names, `{prefix}_loss` and `grad_norm_{prefix}` (multi-player tasks).
   mask: mask(params) -> bool pytree, True for the leaves of its optimised parameters
     that train (`optim.trainable`); None: all of them.
+  start: the step from which it trains; before it, its parameters and optimizer
+    state are left as they are (a discriminator switched on late, Esser et al. 2021).
   """
   loss: Callable
   tx: optax.GradientTransformation
@@ -86,6 +88,7 @@ class Player:
   ema_decay: float | None = None
   prefix: str = ""
   mask: Any = None
+  start: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +112,8 @@ class Generator:
     latent interpolation strips (GANs).
   options: the `sample` options it uses (a one-pass generator: none), so callers
     know which settings describe its samples.
+  pictures: its samples are pictures (grids and PNGs apply); False for other values
+    (e.g. 2-D points).
   """
   sample: Callable[..., SampleFn]
   conditioning: Callable[..., dict]
@@ -116,6 +121,7 @@ class Generator:
   num_classes: int = 0
   interpolate: Callable | None = None
   options: tuple[str, ...] = ("sampler", "num_steps", "guidance", "strength", "classifier")
+  pictures: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -75,7 +75,7 @@ def _noise_keys(keys, salt: int):
   return jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, _NOISE), salt))(keys)
 
 
-def _apply_train(net, variables, *args, **kw):
+def apply_train(net, variables, *args, **kw):
   """net in training mode → (output, variables with updated BatchNorm statistics)."""
   out, updates = net.apply(variables, *args, train=True, mutable=["batch_stats"], **kw)
   return out, dict(variables, **updates)
@@ -109,7 +109,7 @@ def make(config, info) -> Task:
 
   def fake_batch(g_vars, keys, labels, salt):
     z = latents(config, keys, salt)
-    return _apply_train(g_net, g_vars, z, labels, keys=_noise_keys(keys, salt))
+    return apply_train(g_net, g_vars, z, labels, keys=_noise_keys(keys, salt))
 
   def d_loss(params, batch, keys, ctx):
     if ctx.axis_name is not None and any("batch_stats" in v for v in params.values()):
@@ -120,8 +120,8 @@ def make(config, info) -> Task:
     fake, _ = fake_batch(params["generator"], keys, labels, i)  # G's stats: unchanged
     fake = jax.lax.stop_gradient(fake)
     d_vars = params["discriminator"]
-    real_logits, d_vars = _apply_train(d_net, d_vars, real, labels)
-    fake_logits, d_vars = _apply_train(d_net, d_vars, fake, labels)
+    real_logits, d_vars = apply_train(d_net, d_vars, real, labels)
+    fake_logits, d_vars = apply_train(d_net, d_vars, fake, labels)
     loss = gan_losses.discriminator_loss(kind, real_logits, fake_logits)
     logits = lambda x: d_net.apply(d_vars, x, labels, train=True)
     gp = r1 = jnp.zeros(())
@@ -139,7 +139,7 @@ def make(config, info) -> Task:
     fake, g_vars = fake_batch(params["generator"], keys, labels, k)
     # D in training mode (batch statistics of this batch, as in the D updates); its
     # running statistics are not updated by the generator's pass.
-    logits, _ = _apply_train(d_net, params["discriminator"], fake, labels)
+    logits, _ = apply_train(d_net, params["discriminator"], fake, labels)
     return gan_losses.generator_loss(kind, logits), ({}, dict(params, generator=g_vars))
 
   players = (
@@ -183,6 +183,7 @@ def make(config, info) -> Task:
   ncls = info.num_classes if config.model.class_conditional else 0
   generator = Generator(
       sample=sample, conditioning=conditioning, num_classes=ncls, options=(),
+      pictures=info.is_image,
       grid=lambda: ({"label": class_grid_labels(ncls, config.sample.per_class)}, ncls or 8),
       interpolate=lambda tree, key, labels, num_points, method="linear": interpolate(
           config, info, tree, key, labels, num_points, method))
