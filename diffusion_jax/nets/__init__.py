@@ -3,6 +3,8 @@
     UNet, DiT, Classifier      the denoisers and the noise-conditional classifier
     build_denoiser / build_dit / build_classifier (config.model, ...) -> nn.Module
     unet, dit, classifier, layers, gan, clip, inception, vgg, lpips, torch_weights
+    autoencoder                the KL autoencoder of latent diffusion (diffusers' AutoencoderKL)
+                               and the published SD / SDXL / FLUX autoencoders' weights
 
 `clip` (the CLIP dual encoder) is imported on first use: it reads the tokenizer's
 constants from `data.text`, and with it the data package (TFDS, grain), which the other
@@ -18,8 +20,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from diffusion_jax.nets import (classifier, dit, gan, inception, layers, lpips, torch_weights,
-                                unet, vgg)
+from diffusion_jax.nets import (autoencoder, classifier, dit, gan, inception, layers, lpips,
+                                torch_weights, unet, vgg)
 from diffusion_jax.nets.classifier import Classifier
 from diffusion_jax.nets.dit import DiT
 from diffusion_jax.nets.unet import UNet
@@ -29,9 +31,10 @@ if TYPE_CHECKING:
 
   from diffusion_jax.nets import clip
 
-__all__ = ["DTYPES", "Classifier", "DiT", "UNet", "build_classifier", "build_denoiser",
-           "build_dit", "classifier", "clip", "dit", "dit_size", "dtype", "gan", "inception",
-           "layers", "lpips", "torch_weights", "unet", "unet_options", "vgg"]
+__all__ = ["DTYPES", "Classifier", "DiT", "UNet", "autoencoder", "build_classifier",
+           "build_denoiser", "build_dit", "classifier", "clip", "dit", "dit_size", "dtype",
+           "gan", "inception", "layers", "lpips", "torch_weights", "unet", "unet_options",
+           "vgg"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

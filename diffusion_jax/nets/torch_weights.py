@@ -1,11 +1,13 @@
 """Reading published PyTorch weight files: the one place the ported networks (FID's
-Inception-v3, LPIPS's VGG16) touch torch.
+Inception-v3, LPIPS's VGG16, the latent autoencoders) touch torch.
 
-Nothing is downloaded: the user points at a file they have. A `.pth` needs torch only
-to be read; `save_npz` writes the same state dict as a torch-free `.npz`, so one
-conversion on a machine with torch leaves every later run needing only numpy. Each
-network's `params_from_torch` checks keys and shapes with `check_state_dict` first, so
-a wrong file is an error naming what differs, not a silently broken network.
+Nothing is downloaded: the user points at a file they have. A `.safetensors` (diffusers'
+and most current releases) is read with the safetensors library, without torch and
+without unpickling. A `.pth` needs torch only to be read; `save_npz` writes the same
+state dict as a torch-free `.npz`, so one conversion on a machine with torch leaves every
+later run needing only numpy. Each network's converter checks keys and shapes with
+`check_state_dict` first, so a wrong file is an error naming what differs, not a
+silently broken network.
 """
 from __future__ import annotations
 
@@ -26,17 +28,21 @@ def to_numpy(v) -> np.ndarray:
 
 
 def read_state_dict(path) -> dict[str, np.ndarray]:
-  """A `.pth`/`.pt` (torch.save of a state dict; needs torch) or an `.npz` (from
-  `save_npz`; needs only numpy) → {key: float32 array}. Never downloads."""
+  """A `.safetensors` (read with the safetensors library; no torch, no pickle), a
+  `.pth`/`.pt` (torch.save of a state dict; needs torch) or an `.npz` (from `save_npz`;
+  needs only numpy) → {key: float32 array}; float16 / bfloat16 tensors are converted
+  exactly. Never downloads."""
   path = os.fspath(path)
-  if not path.endswith((".pth", ".pt", ".npz")):
-    raise ValueError(f"{path}: expected a .pth/.pt (torch) or .npz weight file")
+  if not path.endswith((".safetensors", ".pth", ".pt", ".npz")):
+    raise ValueError(f"{path}: expected a .safetensors, .pth/.pt (torch) or .npz weight file")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such file (nothing is downloaded here: point "
                             "at a weight file you have)")
   if path.endswith(".npz"):
     with np.load(path) as f:
       return {k: to_numpy(f[k]) for k in f.files}
+  if path.endswith(".safetensors"):
+    return _read_safetensors(path)
   try:
     import torch  # lazily: only reading a .pth needs it
   except ImportError as e:
@@ -47,6 +53,19 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
         f"read_state_dict('{path}')), and load the .npz") from e
   state_dict = torch.load(path, map_location="cpu", weights_only=True)
   return {k: to_numpy(v) for k, v in state_dict.items()}
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  # numpy has no bfloat16 (nor float8) of its own: importing ml_dtypes (a JAX dependency)
+  # registers them, so safetensors' numpy reader can return such tensors, which astype
+  # widens to float32 exactly. (safetensors.numpy.load_file has no BF16 entry at all.)
+  import ml_dtypes  # noqa: F401
+  from safetensors import SafetensorError, safe_open
+  try:
+    with safe_open(path, framework="numpy") as f:
+      return {k: np.asarray(f.get_tensor(k)).astype(np.float32) for k in f.keys()}
+  except SafetensorError as e:
+    raise ValueError(f"{path}: not a readable .safetensors file ({e})") from e
 
 
 def save_npz(path, state_dict: Mapping, skip_prefixes: tuple[str, ...] = ()) -> None:

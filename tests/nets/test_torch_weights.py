@@ -10,8 +10,8 @@ from diffusion_jax.nets import torch_weights
 
 
 def test_read_state_dict_errors(tmp_path, monkeypatch):
-  with pytest.raises(ValueError, match=r"w\.safetensors: expected a \.pth/\.pt \(torch\) or \.npz"):
-    torch_weights.read_state_dict(tmp_path / "w.safetensors")
+  with pytest.raises(ValueError, match=r"w\.bin: expected a \.safetensors, \.pth/\.pt \(torch\) or \.npz"):
+    torch_weights.read_state_dict(tmp_path / "w.bin")
   with pytest.raises(FileNotFoundError, match=r"absent\.npz: no such file"):
     torch_weights.read_state_dict(tmp_path / "absent.npz")
   (tmp_path / "w.pth").write_bytes(b"")
