@@ -136,7 +136,7 @@ def main(argv):
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     np.savez(output, images=images, labels=labels, values=values)
     print(f"Wrote {len(images)} samples (checkpoint step {step}) to {output}")
-    if _GRID.value and comp.info.is_image:
+    if _GRID.value and images.ndim == 4 and images.shape[-1] in (1, 3):  # pictures
       rows = int(np.ceil(np.sqrt(len(images))))
       png = io.save_png(os.path.splitext(output)[0] + ".png", io.grid(images, rows),
                         upscale=max(1, 64 // images.shape[1]))

@@ -16,7 +16,7 @@ from ml_collections import ConfigDict
 from diffusion_jax import data, nets, samplers
 from diffusion_jax.diffusion import losses, paths, predictions
 from diffusion_jax.training import optim, state as state_lib
-from diffusion_jax.training.tasks import conditioning as cond_lib
+from diffusion_jax.training.tasks import conditioning as cond_lib, latent as latent_lib
 from diffusion_jax.training.tasks.base import Generator, Likelihood, Player, Task
 
 
@@ -43,6 +43,14 @@ def sampler_options(sample_cfg, sampler: str) -> dict:
 
 
 def make(config, info) -> Task:
+  """`info` describes the batches: pictures, or a latent cache (`data.latents`). In a
+  latent space (config.latent.autoencoder, or a cache) the denoiser works on the
+  scaled latents and the generator decodes to pixels (`latent.py`)."""
+  space = latent_lib.space(config, info)
+  if space is not None and config.superres.low_res:
+    raise ValueError("config.superres.low_res with a latent space (config.latent."
+                     "autoencoder / a latent cache): super-resolution runs in pixel space")
+  pixel_info, info = (space.pixel_info, space.latent_info) if space else (info, info)
   cond_lib.check_superres(config, info)
   net = model(config, info)
   path = paths.from_config(config.diffusion)
@@ -66,7 +74,7 @@ def make(config, info) -> Task:
     return state_lib.init_state(players, params)
 
   def loss(params, batch, keys, ctx):
-    x0 = batch["image"]
+    x0 = batch["image"] if space is None else space.draw(batch, keys)
     sr = None
     if config.superres.low_res:
       sr = cond_lib.low_res_condition(config, info, cond_lib.downsample(config, x0), keys)
@@ -124,15 +132,21 @@ def make(config, info) -> Task:
         denoiser = samplers.guidance.classifier(
             denoiser, path, lambda x, t: guide.log_prob(classifier_params, x, t, labels), scale)
       x_init = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys)
+      source = cond.get("image")
+      if source is not None and space is not None:  # editing inputs are pictures
+        source = space.encode(source, labels)
       if strength < 1:
-        x_init = samplers.editing.noise_to(path, cond["image"], strength,
+        x_init = samplers.editing.noise_to(path, source, strength,
                                            jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys))
       if "mask" in cond:
-        denoiser = samplers.editing.inpaint(denoiser, path, cond["image"], cond["mask"])
+        m = cond["mask"] if space is None else space.mask(cond["mask"])
+        denoiser = samplers.editing.inpaint(denoiser, path, source, m)
       step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
       x0, nfe = solve(denoiser, path, x_init, step_keys, num_steps, t_start=strength,
                       **options)
-      if "mask" in cond:
+      if space is not None:
+        x0 = space.decode(x0, labels)
+      if "mask" in cond:  # in pixel space: the known pixels exactly
         x0 = samplers.editing.paste(x0, cond["image"], cond["mask"])
       return jnp.clip(x0, -1.0, 1.0), nfe * (2 if cfg_on else 1)  # CFG: two passes per call
 
@@ -154,12 +168,12 @@ def make(config, info) -> Task:
 
   generator = Generator(
       sample=sample,
-      conditioning=lambda labels, **kw: cond_lib.conditioning(config, info, labels, **kw),
-      grid=lambda: cond_lib.grid_conditioning(config, info),
-      num_classes=cond_lib.sample_classes(config, info))
+      conditioning=lambda labels, **kw: cond_lib.conditioning(config, pixel_info, labels, **kw),
+      grid=lambda: cond_lib.grid_conditioning(config, pixel_info),
+      num_classes=cond_lib.sample_classes(config, info), pictures=pixel_info.is_image)
 
-  likelihood = None
-  if not config.superres.low_res and config.text.encoder != "precomputed":
+  likelihood = None  # of pixels: not in a latent space
+  if not config.superres.low_res and config.text.encoder != "precomputed" and space is None:
     def unconditional(params, x, t):
       return apply(params, x, t, jnp.full(x.shape[:1], null, jnp.int32), {})
     likelihood = Likelihood(model_fn=unconditional, path=path,

@@ -1,0 +1,85 @@
+"""Latent diffusion: the diffusion task in the latent space of a frozen autoencoder run,
+encoded in the step (config.latent.autoencoder) — trains and samples through the real
+command line, decoded samples have the pixel shape, resume is exact, SDEdit and
+inpainting take pixel inputs (inpainting keeps the known pixels exactly), and bad
+settings are errors naming the key. The latent cache's path: tests/data/test_latents.py."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import (TINY_FLAGS, assert_trees_equal, run_cli, run_train_in_process,
+                      tiny_config)
+from diffusion_jax.training import loop, tasks
+
+
+@pytest.fixture(scope="module")
+def ae_run(data_dir, tmp_path_factory):
+  """A 2-step latent autoencoder on the 8×8 digits: f = 2, 4×4×2 latents."""
+  workdir = str(tmp_path_factory.mktemp("ae"))
+  c = tiny_config(data_dir, **{
+      "task": "autoencoder", "autoencoder.channels": (8, 16), "autoencoder.norm_groups": 4,
+      "autoencoder.latent_channels": 2, "autoencoder.disc_weight": 0.0,
+      "model.class_conditional": False, "train.num_steps": 2, "sample.per_class": 0})
+  loop.train(c, workdir)
+  return workdir
+
+
+def _latent_config(data_dir, ae_run, **overrides):
+  return tiny_config(data_dir, **{"latent.autoencoder": ae_run, "latent.scale": 0.5,
+                                  "model.attn_resolutions": (2,), "train.num_steps": 4,
+                                  "train.checkpoint_every": 2, **overrides})
+
+
+def test_trains_samples_and_edits_through_the_command_line(data_dir, ae_run, tmp_path):
+  workdir = str(tmp_path / "ldm")
+  run_train_in_process([f"--config={os.path.join('configs', 'quickstart.py')}",
+                        f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+                        *TINY_FLAGS, "--config.model.attn_resolutions=(2,)",
+                        "--config.train.num_steps=2", "--config.sample.per_class=1",
+                        f"--config.latent.autoencoder={ae_run}", "--config.latent.scale=0.5"])
+  assert os.listdir(os.path.join(workdir, "samples")) == ["step_0000002.png"]
+  out = str(tmp_path / "s.npz")
+  run_cli("sample", [f"--workdir={workdir}", f"--output={out}", "--num_samples=6",
+                     "--steps=3", "--grid"])
+  s = np.load(out)
+  assert s["images"].shape == (6, 8, 8, 1) and s["images"].dtype == np.uint8
+  # Inpainting from pixel inputs: the kept pixels are the input's, exactly.
+  src = str(tmp_path / "in.npz")
+  np.savez(src, images=s["images"][::-1], labels=s["labels"])
+  run_cli("sample", [f"--workdir={workdir}", f"--output={tmp_path / 'inp.npz'}",
+                     "--num_samples=6", "--steps=3", f"--input={src}", "--inpaint=center"])
+  inp = np.load(tmp_path / "inp.npz")["images"]
+  keep = np.ones((8, 8), bool)
+  keep[2:6, 2:6] = False
+  np.testing.assert_array_equal(inp[:, keep], s["images"][::-1][:, keep])
+  run_cli("sample", [f"--workdir={workdir}", f"--output={tmp_path / 'sde.npz'}",
+                     "--num_samples=6", "--steps=3", f"--input={src}", "--strength=0.5"])
+  assert np.load(tmp_path / "sde.npz")["images"].shape == (6, 8, 8, 1)
+
+
+def test_resume_is_exact_and_the_latents_are_the_autoencoders(data_dir, ae_run, tmp_path):
+  c = _latent_config(data_dir, ae_run)
+  full = loop.train(c, str(tmp_path / "full"))
+  loop.train(_latent_config(data_dir, ae_run, **{"train.num_steps": 2}), str(tmp_path / "r"))
+  resumed = loop.train(c, str(tmp_path / "r"))
+  get = lambda s: jax.device_get((s.params, s.ema_params, s.opt_state))
+  assert_trees_equal(get(resumed), get(full))
+  info = loop.dataset_info(c)
+  task = tasks.make(c, info)
+  assert task.likelihood is None and task.generator.pictures
+  # The denoiser sees 4×4×2 latents: its input conv has 2 channels.
+  assert full.params["Conv_0"]["kernel"].shape[-2] == 2
+
+
+def test_bad_settings_name_the_key(data_dir, ae_run):
+  info = loop.dataset_info(tiny_config(data_dir))
+  with pytest.raises(ValueError, match="config.latent.scale"):
+    tasks.make(_latent_config(data_dir, ae_run, **{"latent.scale": None}), info)
+  with pytest.raises(ValueError, match="superres"):
+    tasks.make(_latent_config(data_dir, ae_run, **{"superres.low_res": 4}), info)
+  with pytest.raises(ValueError, match="preset"):
+    tasks.make(_latent_config(data_dir, "/nonexistent/vae.safetensors"), info)
+  with pytest.raises(FileNotFoundError, match="neither a run directory"):
+    tasks.make(_latent_config(data_dir, "/nonexistent/run"), info)
