@@ -67,16 +67,19 @@ def metadata(config, info: data.DatasetInfo) -> dict:
   return {"config": config_lib.to_json(config),
           "dataset": {"image_shape": list(info.image_shape), "num_classes": info.num_classes,
                       "num_examples": info.num_examples, "kind": info.kind,
-                      "label_captions": info.label_captions}}
+                      "label_captions": info.label_captions,
+                      "latents": None if info.latents is None else dataclasses.asdict(info.latents)}}
 
 
 def dataset_info(meta: dict) -> data.DatasetInfo:
   """The DatasetInfo recorded in a checkpoint's metadata."""
   d = meta["dataset"]
+  latents = d.get("latents")
   return data.DatasetInfo(image_shape=tuple(d["image_shape"]), num_classes=d["num_classes"],
                           num_examples=d.get("num_examples", 0),
                           kind=d.get("kind", "image"),
-                          label_captions=d.get("label_captions", False))
+                          label_captions=d.get("label_captions", False),
+                          latents=None if latents is None else data.latent_info(latents))
 
 
 def load(workdir: str, *, step: int | None = None, params: str = "ema",

@@ -1,24 +1,33 @@
-"""Image datasets: TFDS builders and the deterministic grain input pipeline."""
+"""Image datasets: TFDS builders, the deterministic grain input pipeline, and latent
+caches (`latents`: a split encoded once by a frozen autoencoder)."""
 
 from diffusion_jax.data.builders import EMBEDDED, prepare
 from diffusion_jax.data.pipeline import (
     DatasetInfo,
+    LatentInfo,
     TextOptions,
     features,
     get_source,
+    is_path,
+    latent_info,
     load_arrays,
     load_text_arrays,
     make_train_iterator,
     text_options,
     to_model_image,
 )
+from diffusion_jax.data import latents
 
 __all__ = [
     "EMBEDDED",
     "DatasetInfo",
+    "LatentInfo",
     "TextOptions",
     "features",
     "get_source",
+    "is_path",
+    "latent_info",
+    "latents",
     "load_arrays",
     "load_text_arrays",
     "make_train_iterator",

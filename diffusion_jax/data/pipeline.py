@@ -12,6 +12,16 @@ Runs whose task needs text (`Task.text`, built by `text_options(config)`) also g
 labels for the embedded digit datasets (template drawn from the element's generator),
 else the dataset's string feature config.text.feature; with config.text.encoder ==
 'precomputed' also "text_embedding", the dataset feature config.text.embedding_feature.
+
+A latent cache (`data/latents.py`, written by `diffusion-jax-encode`) is read like any
+dataset, but its batches hold the posterior of each example's latent, {"mean", "std"}
+float32 [B, h, w, c], instead of "image"; with config.data.random_flip the posterior
+of the flipped image is taken where the image pipeline would flip (the same draw).
+`DatasetInfo.kind` is then "latents" and `DatasetInfo.latents` says how it was made.
+
+`config.data.name` is a TFDS name looked up in config.data.data_dir, or a path (absolute,
+or starting with ./, ../ or ~, or a URI) of a prepared dataset's directory (the one
+holding dataset_info.json), opened as it is; data.data_dir is then unused.
 """
 
 from __future__ import annotations
@@ -24,10 +34,59 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+from etils import epath
 from PIL import Image
 import tensorflow_datasets as tfds
 
 from diffusion_jax.data import builders, text as text_lib
+
+__all__ = ["LATENTS_KEY", "LATENT_FORMAT", "PROGRESS_DIR", "DatasetInfo", "LatentInfo",
+           "TextOptions", "features", "get_source", "is_path", "latent_info", "load_arrays",
+           "load_text_arrays", "make_train_iterator", "text_options", "to_model_image"]
+
+
+# The latent cache's entry of a TFDS dataset's metadata.json (`data/latents.py`), and
+# the folder of an unfinished cache's progress records.
+LATENTS_KEY = "latents"
+PROGRESS_DIR = "_progress"
+LATENT_FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentInfo:
+  """How a latent cache was made (`data/latents.py`; its metadata.json "latents").
+
+  Attributes:
+    autoencoder: the autoencoder's spec as the encoder was given it (a run's workdir or
+      a weight file).
+    preset: the architecture of a weight file (sd | sdxl | flux), "" for a run.
+    scale, shift: the autoencoder's own normalisation z_scaled = scale·(z − shift)
+      (Rombach et al. 2022, §4.3.2; 1 and 0 for an autoencoder without one).
+    data_scale: 1/std of the raw latents z = mean + std·ε over the split (Rombach et
+      al. 2022, §4.3.2, their `scale_by_std`), with ε integrated out exactly:
+      1 / sqrt(mean(mean² + std²) − mean(mean)²) over every example and latent
+      element of the unflipped posteriors (so it does not depend on `flips`).
+    data_shift: mean(mean) over the same elements (the latents' mean; scaling with
+      data_scale about it gives zero mean and unit variance).
+    image_shape: (H, W, C) of the pixels that were encoded (after any resize).
+    flips: the posterior of every image's horizontal flip is stored too.
+    source, split, image_size: the pixel dataset (its config.data.name), split and
+      config.data.image_size the latents were encoded from.
+    dtype: how mean and std are stored ("float32" or "float16"); batches are float32.
+  """
+
+  autoencoder: str
+  preset: str
+  scale: float
+  shift: float
+  data_scale: float
+  data_shift: float
+  image_shape: tuple[int, int, int]
+  flips: bool
+  source: str = ""
+  split: str = ""
+  image_size: int = 0
+  dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,13 +94,17 @@ class DatasetInfo:
   """Static facts about one split, as the pipeline yields it.
 
   Attributes:
-    image_shape: (H, W, C) after any resize.
+    image_shape: (H, W, C) after any resize; of a latent cache, the latent shape
+      (h, w, c).
     num_classes: number of label classes; 0 for unconditional datasets.
     num_examples: number of examples in the split.
-    kind: "image" (uint8 pixels, 1 or 3 channels make pictures) or "values" (float32
-      arrays used as they are, e.g. ring8's 2-D points).
+    kind: "image" (uint8 pixels, 1 or 3 channels make pictures), "values" (float32
+      arrays used as they are, e.g. ring8's 2-D points) or "latents" (a latent cache:
+      batches hold the posterior "mean" and "std", see `latents`).
     label_captions: captions come from the labels (the embedded digit datasets:
       `text.digit_caption`), so a label alone can be captioned.
+    latents: how a latent cache was made (its autoencoder, scale factors, pixel
+      shape); None for other datasets.
   """
 
   image_shape: tuple[int, int, int]
@@ -49,6 +112,7 @@ class DatasetInfo:
   num_examples: int
   kind: str = "image"
   label_captions: bool = False
+  latents: LatentInfo | None = None
 
   @property
   def is_image(self) -> bool:
@@ -86,10 +150,11 @@ def text_options(config: Any) -> TextOptions:
 
 def _check_text_features(name: str, data_dir: str | None, text: TextOptions) -> bool:
   """Raises unless dataset `name` has the features `text` needs. Returns True when
-  captions come from labels (the embedded digit datasets)."""
+  captions come from labels (the embedded digit datasets, and their latent caches)."""
   text_lib.encode([""], text.max_length)  # validates max_length, naming the key
-  from_labels = builders.label_captions(name)
-  features = _open_builder(name, data_dir).info.features
+  builder = _open_builder(name, data_dir)
+  from_labels = _label_captions(name, builder)
+  features = builder.info.features
   needed = [] if from_labels else [("config.text.feature", text.feature)]
   if text.embedding_feature is not None:
     needed.append(("config.text.embedding_feature", text.embedding_feature))
@@ -123,8 +188,40 @@ def _fix_hint(name: str, data_dir: str) -> str:
   )
 
 
+def is_path(name: str) -> bool:
+  """Whether a config.data.name is a dataset directory rather than a TFDS name: an
+  absolute path, one starting with ./, ../ or ~, or a URI (gs://...)."""
+  return (os.path.isabs(name) or name.startswith(("./", "../", "~")) or "://" in name)
+
+
+def _open_directory(name: str):
+  """The read-only builder of the prepared dataset in directory `name`, or raises."""
+  path = epath.Path(os.path.expanduser(name))
+  if not (path / "dataset_info.json").exists():
+    if (path / PROGRESS_DIR).exists():
+      raise ValueError(
+          f"data.name={name!r} is an unfinished latent cache (no dataset_info.json yet, "
+          f"progress records in {path / PROGRESS_DIR}): rerun diffusion-jax-encode with "
+          "the same flags to finish it")
+    what = (f"it holds {sorted(p.name for p in path.iterdir())[:8]}" if path.is_dir()
+            else "no such directory")
+    raise ValueError(
+        f"data.name={name!r} is a path, but not of a prepared TFDS dataset (a directory "
+        f"with dataset_info.json): {what}. A TFDS name (no leading /, ./ or ~) is looked "
+        "up in data.data_dir instead.")
+  builder = tfds.builder_from_directory(path)
+  if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+    raise ValueError(
+        f"Dataset {name!r} is stored as {builder.info.file_format.value}, but random "
+        "access needs array_record.")
+  return builder
+
+
 def _open_builder(name: str, data_dir: str | None):
-  """Returns a builder for prepared array_record dataset `name`, or raises."""
+  """Returns a builder for prepared array_record dataset `name` (a TFDS name in
+  `data_dir`, or a dataset directory: `is_path`), or raises."""
+  if is_path(name):
+    return _open_directory(name)
   if name in builders.EMBEDDED:
     return builders.prepare(name, data_dir)
   where = data_dir or f"{tfds.core.constants.DATA_DIR} (TFDS default)"
@@ -154,6 +251,58 @@ def features(name: str, data_dir: str | os.PathLike | None = None):
   return _open_builder(name, None if data_dir is None else os.fspath(data_dir)).info.features
 
 
+def _latent_metadata(builder) -> dict | None:
+  """The "latents" entry of a prepared dataset's metadata.json, or None."""
+  metadata = builder.info.metadata
+  if metadata is None or LATENTS_KEY not in metadata:
+    return None
+  return dict(metadata[LATENTS_KEY])
+
+
+def _label_captions(name: str, builder) -> bool:
+  """Captions come from the labels: an embedded digit dataset or a latent cache of one."""
+  meta = _latent_metadata(builder)
+  if meta is not None:
+    return bool(meta.get("label_captions", False))
+  return builders.label_captions(name)
+
+
+def latent_info(meta: dict) -> LatentInfo:
+  """The LatentInfo of a latent cache's metadata entry (`LATENTS_KEY`)."""
+  return LatentInfo(
+      autoencoder=meta["autoencoder"], preset=meta["preset"], scale=float(meta["scale"]),
+      shift=float(meta["shift"]), data_scale=float(meta["data_scale"]),
+      data_shift=float(meta["data_shift"]), image_shape=tuple(meta["image_shape"]),
+      flips=bool(meta["flips"]), source=meta.get("source", ""), split=meta.get("split", ""),
+      image_size=int(meta.get("image_size", 0)), dtype=meta.get("dtype", "float32"))
+
+
+def _latent_source(name: str, builder, split: str, image_size: int | None):
+  """(source, DatasetInfo) of a latent cache's split."""
+  meta = _latent_metadata(builder)
+  features = builder.info.features
+  missing = [k for k in ("mean", "std") + (("flip_mean", "flip_std") if meta.get("flips") else ())
+             if k not in features]
+  if meta.get("format") != LATENT_FORMAT or missing:
+    raise ValueError(
+        f"Dataset {name!r}: its metadata says it is a latent cache, but "
+        + (f"it lacks the features {missing}" if missing else
+           f"of format {meta.get('format')!r}, not {LATENT_FORMAT}")
+        + "; re-encode it with diffusion-jax-encode")
+  if image_size:
+    raise ValueError(f"config.data.image_size={image_size}: dataset {name!r} is a latent "
+                     "cache, whose latents cannot be resized; set it to 0 (the pixels were "
+                     f"encoded at {tuple(meta['image_shape'])})")
+  label = features["label"] if "label" in features else None
+  num_classes = label.num_classes if isinstance(label, tfds.features.ClassLabel) else 0
+  source = builder.as_data_source(split=split)
+  info = DatasetInfo(
+      image_shape=tuple(features["mean"].shape), num_classes=num_classes,
+      num_examples=len(source), kind="latents",
+      label_captions=bool(meta.get("label_captions", False)), latents=latent_info(meta))
+  return source, info
+
+
 def get_source(
     name: str,
     split: str,
@@ -175,13 +324,20 @@ def get_source(
 
   Returns:
     (source, info): `source[i]` is a dict of numpy arrays with at least
-    "image" (uint8 [H,W,C], or float32 values).
+    "image" (uint8 [H,W,C], or float32 values); of a latent cache (info.kind ==
+    "latents") "mean" and "std" (and "flip_mean", "flip_std" when info.latents.flips)
+    [h, w, c] instead.
   """
   data_dir = None if data_dir is None else os.fspath(data_dir)
   builder = _open_builder(name, data_dir)
+  if _latent_metadata(builder) is not None:
+    return _latent_source(name, builder, split, image_size)
   features = builder.info.features
   if "image" not in features:
-    raise ValueError(f"Dataset {name!r} has no 'image' feature.")
+    hint = (" It has 'mean' and 'std' features but no latent-cache metadata (metadata.json "
+            f"{LATENTS_KEY!r}, written last by diffusion-jax-encode): re-encode it."
+            if "mean" in features and "std" in features else "")
+    raise ValueError(f"Dataset {name!r} has no 'image' feature.{hint}")
   height, width, channels = features["image"].shape
   dtype = features["image"].np_dtype
   if dtype not in (np.uint8, np.float32):
@@ -252,6 +408,11 @@ def _preprocess(
     image = image[:, ::-1]
   label = element["label"] if conditional else 0
   out = {"image": np.ascontiguousarray(image), "label": np.int32(label)}
+  return _add_text(out, element, rng, text, captions_from_labels)
+
+
+def _add_text(out, element, rng, text: TextOptions | None, captions_from_labels: bool):
+  """`out` with "tokens" (and "text_embedding") added when `text` asks for them."""
   if text is not None:
     # Drawn after the flip, so image batches are the same with or without text.
     out["tokens"] = _caption_tokens(element, element.get("label", 0), rng, text,
@@ -259,6 +420,26 @@ def _preprocess(
     if text.embedding_feature is not None:
       out["text_embedding"] = np.asarray(element[text.embedding_feature], np.float32)
   return out
+
+
+def _preprocess_latents(
+    element: dict[str, Any],
+    rng: np.random.Generator,
+    *,
+    random_flip: bool,
+    conditional: bool,
+    text: TextOptions | None = None,
+    captions_from_labels: bool = False,
+) -> dict[str, np.ndarray]:
+  """Latent-cache element -> {"mean", "std": float32 [h,w,c], "label": int32 []} (+ text
+  as `_preprocess`). The flip is the same draw as `_preprocess`'s: where the image
+  pipeline flips the image, this takes the flipped image's posterior."""
+  prefix = "flip_" if random_flip and rng.random() < 0.5 else ""
+  label = element["label"] if conditional else 0
+  out = {"mean": np.asarray(element[prefix + "mean"], np.float32),
+         "std": np.asarray(element[prefix + "std"], np.float32),
+         "label": np.int32(label)}
+  return _add_text(out, element, rng, text, captions_from_labels)
 
 
 def _derive_seeds(seed: int) -> tuple[int, int]:
@@ -300,7 +481,10 @@ def make_train_iterator(
     [b_local]} forever, b_local = batch_size // process_count, plus "tokens"
     int32 [b_local, max_length] (and "text_embedding" float32 [b_local, ...]) when
     `text` is given. Epochs are reshuffled, and batches may straddle epoch
-    boundaries.
+    boundaries. A latent cache (info.kind == "latents") yields {"mean", "std":
+    float32 [b_local,h,w,c], "label"} (+ text) instead of "image": the posterior
+    N(mean, std²) of each example's raw latent, of its flipped image where the image
+    pipeline would flip it (random_flip needs a cache written with flips).
   """
   if process_index is None:
     process_index = jax.process_index()
@@ -324,10 +508,19 @@ def make_train_iterator(
   from_labels = (text is not None and _check_text_features(
       data_config.name, _get(data_config, "data_dir", None), text))
   shuffle_seed, augment_seed = _derive_seeds(seed)
+  random_flip = bool(_get(data_config, "random_flip", False))
+  if info.kind == "latents":
+    if random_flip and not info.latents.flips:
+      raise ValueError(
+          f"config.data.random_flip=True: the latent cache {data_config.name!r} stores no "
+          "flipped posteriors (it was encoded without --flips); set "
+          "config.data.random_flip=False or re-encode with diffusion-jax-encode --flips")
+    preprocess = functools.partial(_preprocess_latents, random_flip=random_flip)
+  else:
+    preprocess = functools.partial(_preprocess, image_size=image_size,
+                                   random_flip=random_flip)
   preprocess = functools.partial(
-      _preprocess,
-      image_size=image_size,
-      random_flip=bool(_get(data_config, "random_flip", False)),
+      preprocess,
       conditional=info.num_classes > 0,
       text=text,
       captions_from_labels=from_labels,
@@ -365,6 +558,7 @@ def load_arrays(
     labels: int32 [N]; zeros for unconditional datasets.
   """
   source, info = get_source(name, split, data_dir, image_size=image_size)
+  _refuse_latents(name, info)
   elements = [source[i] for i in range(len(source))]
   images = np.stack([to_model_image(e["image"], image_size) for e in elements])
   labels = np.asarray(
@@ -395,6 +589,7 @@ def load_text_arrays(
   data_dir = None if data_dir is None else os.fspath(data_dir)
   from_labels = _check_text_features(name, data_dir, text)
   source, info = get_source(name, split, data_dir, image_size=image_size)
+  _refuse_latents(name, info)
   elements = [source[i] for i in range(len(source))]
   images = np.stack([to_model_image(e["image"], image_size) for e in elements])
   labels = np.asarray(
@@ -408,3 +603,11 @@ def load_text_arrays(
     captions = [e[text.feature] for e in elements]
     captions = [c.item() if isinstance(c, np.ndarray) else c for c in captions]
   return images, labels, text_lib.encode(captions, text.max_length)
+
+
+def _refuse_latents(name: str, info: DatasetInfo) -> None:
+  if info.kind == "latents":
+    raise ValueError(
+        f"Dataset {name!r} is a latent cache, which holds no images: its pixels are "
+        f"dataset {info.latents.source!r}, split {info.latents.split!r} "
+        "(`data.latents.load_arrays` reads the latents)")
