@@ -297,7 +297,7 @@ _POSITIVE = ("data.batch_size", "train.num_steps", "train.log_every", "train.kee
              "eval.batch_size", "eval.likelihood_images", "eval.likelihood_steps",
              "gan.d_steps", "gan.latent_dim", "gan.channels", "gan.mlp_width", "gan.mlp_depth",
              "gan.style_dim", "gan.mapping_depth", "gan.patch_layers",
-             "vae.latent_dim", "vae.width", "vae.depth", "vae.sigma", "vae.beta",
+             "eval.iwae_samples", "vae.latent_dim", "vae.width", "vae.depth", "vae.sigma", "vae.beta",
              "autoencoder.layers_per_block", "autoencoder.latent_channels",
              "autoencoder.norm_groups")
 

@@ -11,6 +11,10 @@ r"""Evaluate a trained run: sample-quality metrics in feature networks' spaces, 
       [--config.eval.likelihood_images=1000 --config.eval.likelihood_steps=100]
   diffusion-jax-evaluate --workdir=/tmp/t2i --config.eval.metrics=clip_score \
       [--config.eval.clip_workdir=/tmp/clip]
+  diffusion-jax-evaluate --workdir=/tmp/vae --config.eval.metrics=bpd_elbo,bpd_iwae,psnr,ssim \
+      [--config.eval.iwae_samples=64]                           # a model's bound / autoencoder
+  diffusion-jax-evaluate --workdir=/tmp/ae --config.eval.metrics=psnr,ssim,lpips,rfd \
+      --config.eval.lpips_weights=lpips_vgg16.npz --config.eval.feature_workdir=/tmp/domain_cls
 
 The settings are the run's own config.eval and config.sample; `--config.eval.*` and
 `--config.sample.*` override them (parsed and type-checked as in diffusion-jax-train;

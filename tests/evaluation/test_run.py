@@ -1,7 +1,8 @@
 """The evaluation command end to end, and its invariants: sharded over 8 devices equals
 1 device, an interrupted evaluation resumes to the same numbers, the training loop's
 periodic evaluation equals the command's on the same checkpoint, and its bits/dim are
-`diffusion/likelihood.py`'s."""
+`diffusion/likelihood.py`'s; a VAE run's samples, bounds and reconstructions through the
+command (closed-form checks of those metrics: test_reconstruction.py)."""
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import pytest
 from conftest import ROOT, TINY_FLAGS, quickstart_args, run_cli, run_train_in_process
 from diffusion_jax import config as config_lib, data, parallel, runs as runs_lib, samplers
 from diffusion_jax.diffusion import likelihood, predictions
-from diffusion_jax.evaluation import run as eval_run
+from diffusion_jax.evaluation import metrics as metrics_lib, run as eval_run
 from diffusion_jax.training import tasks
 
 
@@ -194,3 +195,48 @@ def test_inception_features(runs, tmp_path):
   np.testing.assert_allclose(again["fd_inception"], res["fd_inception"], rtol=1e-6)
   with pytest.raises(ValueError, match=f"{stats.name} holds only mu and sigma"):
     eval_run.evaluate(str(runs / "model"), overrides={**only, "eval.metrics": ("kid",)})
+
+
+def test_vae_run_through_the_command(runs, data_dir):
+  """A short class-conditional VAE run (configs/digits_vae.py: discretised-logistic
+  decoder, so its bound is of the 8-bit values) evaluated by diffusion-jax-evaluate:
+  its samples take the sample metrics through its generator (domain FD, accuracy), its
+  bound gives bpd_elbo ≥ bpd_iwae, equal to −bound/(D ln 2) of `Bound.log_bounds`
+  called here with image i's key fold_in(key(seed), i), and its autoencoder gives
+  psnr/ssim equal to `metrics.psnr`/`ssim` of decode(encode(x).mean)."""
+  w = runs / "vae"
+  run_train_in_process([f"--config={os.path.join(ROOT, 'configs', 'digits_vae.py')}",
+                        f"--workdir={w}", f"--config.data.data_dir={data_dir}",
+                        "--config.vae.width=32", "--config.model.class_conditional=True",
+                        "--config.data.batch_size=32", "--config.train.num_steps=10",
+                        "--config.train.checkpoint_every=10", "--config.train.log_every=5",
+                        "--config.optim.warmup_steps=2", "--config.train.sample_every=0"])
+  n, k = 20, 4
+  proc = run_cli("evaluate", [
+      f"--workdir={w}", f"--config.eval.feature_workdir={runs / 'cls'}",
+      "--config.eval.metrics=fd,acc,bpd_elbo,bpd_iwae,psnr,ssim,rfd",
+      "--config.eval.num_samples=40", "--config.eval.batch_size=16",
+      f"--config.eval.likelihood_images={n}", f"--config.eval.iwae_samples={k}"])
+  res = json.loads(proc.stdout)
+  assert res == json.loads((w / "eval" / "10.json").read_text())
+  for key in ("fd_domain", "acc_domain", "rfd_domain", "bpd_elbo_stderr", "ssim"):
+    assert np.isfinite(res[key]), key
+  assert res["bpd_elbo"] >= res["bpd_iwae"] > 0 and res["rfd_domain"] >= 0
+  assert (res["likelihood_images"], res["iwae_samples"], res["reconstruction_images"]) == (n, k, 40)
+
+  comp = runs_lib.load(str(w))
+  task = tasks.make(comp.config, comp.info)
+  assert task.bound.discrete
+  images, labels = data.load_arrays("sklearn_digits", "test", data_dir)
+  seed, dims = comp.config.eval.seed, images[0].size
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(np.arange(n))
+  nats = jax.jit(task.bound.log_bounds, static_argnums=4)(comp.params, images[:n], labels[:n],
+                                                          keys, k)
+  for m in ("elbo", "iwae"):
+    bpd = -np.asarray(nats[m], np.float64) / (dims * np.log(2))
+    np.testing.assert_allclose(res[f"bpd_{m}"], bpd.mean(), rtol=1e-4, err_msg=m)
+  ae = task.autoencoder
+  x_hat = np.asarray(jax.jit(lambda p, x, y: ae.decode(p, ae.encode(p, x, y)[0], y))(
+      comp.params, images[:40], labels[:40]))
+  np.testing.assert_allclose(res["psnr"], metrics_lib.psnr(images[:40], x_hat).mean(), rtol=1e-4)
+  np.testing.assert_allclose(res["ssim"], metrics_lib.ssim(images[:40], x_hat).mean(), rtol=1e-4)
