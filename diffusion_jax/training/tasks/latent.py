@@ -168,9 +168,9 @@ def space(config, info) -> LatentSpace | None:
   `info.latents` (`data.latents`) or config.latent.autoencoder (encoded in the step).
 
   scale/shift: config.latent.scale/shift when set; else the autoencoder's own (a
-  published one's) when it has them; else the cache's measured 1/std. A trained
-  autoencoder encoded on the fly needs config.latent.scale (`diffusion-jax-encode`
-  measures it)."""
+  published one's) when it has them; else the cache's measured 1/std and mean (zero
+  mean, unit variance). A trained autoencoder encoded on the fly needs
+  config.latent.scale (`diffusion-jax-encode` measures it; shift then defaults to 0)."""
   cached = info.kind == "latents"
   spec, preset = config.latent.autoencoder, config.latent.preset
   if not cached and not spec:
@@ -198,7 +198,8 @@ def space(config, info) -> LatentSpace | None:
                        "its own; set it (diffusion-jax-encode measures 1/std of the data's "
                        "latents), or train on its latent cache")
   if shift is None:
-    shift = autoencoder.shift if own else (lat.shift if cached else 0.0)
+    shift = autoencoder.shift if own or config.latent.scale is not None else (
+        lat.data_shift if cached else 0.0)
   pixel_info = dataclasses.replace(info, image_shape=pixel_shape, kind="image")
   if cached:
     pixel_info = dataclasses.replace(pixel_info, latents=None)
