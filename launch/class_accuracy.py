@@ -70,10 +70,10 @@ def main(argv):
         use_ema=not _RAW.value)
     if jax.process_index() != 0:
       return
-    data_dir = _DATA_DIR.value or config.data.data_dir
-    image_size = config.data.image_size or None
-    x_tr, y_tr = data.load_arrays(config.data.name, "train", data_dir, image_size=image_size)
-    x_te, y_te = data.load_arrays(config.data.name, "test", data_dir, image_size=image_size)
+    name, data_dir, image_size, _ = data.pictures(config.data, info)  # a cache's: its source
+    data_dir = _DATA_DIR.value or data_dir
+    x_tr, y_tr = data.load_arrays(name, "train", data_dir, image_size=image_size)
+    x_te, y_te = data.load_arrays(name, "test", data_dir, image_size=image_size)
   except common.USER_ERRORS as e:
     common.fail(e)
   ncls = info.num_classes

@@ -611,3 +611,19 @@ def _refuse_latents(name: str, info: DatasetInfo) -> None:
         f"Dataset {name!r} is a latent cache, which holds no images: its pixels are "
         f"dataset {info.latents.source!r}, split {info.latents.split!r} "
         "(`data.latents.load_arrays` reads the latents)")
+
+
+def pictures(data_config: Any, info: DatasetInfo) -> tuple[str, str | None, int | None, DatasetInfo]:
+  """The pixel dataset behind a run's data, for what compares pictures (evaluation's
+  reference images, classifiers of samples): (name, data_dir, image_size, info of its
+  pictures). A latent cache's is the dataset it was encoded from (`LatentInfo.source`,
+  looked up in config.data.data_dir, at its encoding size); any other's is itself."""
+  if info.kind != "latents":
+    return (data_config.name, data_config.data_dir, data_config.image_size or None, info)
+  lat = info.latents
+  if not lat.source:
+    raise ValueError(f"the latent cache {data_config.name!r} does not record the dataset it "
+                     "was encoded from; pixel references are unavailable")
+  pixel_info = dataclasses.replace(info, image_shape=tuple(lat.image_shape), kind="image",
+                                   latents=None)
+  return lat.source, data_config.data_dir, lat.image_size or None, pixel_info

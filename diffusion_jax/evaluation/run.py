@@ -361,7 +361,9 @@ def make_evaluator(config, info, workdir: str, mesh, *, use_ema: bool = True):
   task = tasks.make(config, info)
   n_dev = mesh.devices.size
   batch_size = max(n_dev, e.batch_size // n_dev * n_dev)
-  ds = dict(data_dir=config.data.data_dir, image_size=config.data.image_size or None)
+  # The real pictures to compare with (a latent cache's: its source dataset's).
+  name, data_dir, image_size, info = data.pictures(config.data, info)
+  ds = dict(name=name, data_dir=data_dir, image_size=image_size)
 
   run_desc = f"{workdir} holds a config.task={config.task!r} run"
   asked = lambda group: [m for m in metrics if m in group]
@@ -392,7 +394,7 @@ def make_evaluator(config, info, workdir: str, mesh, *, use_ema: bool = True):
       raise ValueError(f"config.eval.iwae_samples={e.iwae_samples} must be >= 1")
   if set(metrics) & (set(LIKELIHOOD_METRICS) | set(BOUND_METRICS)) and info.kind != "image":
     raise ValueError(f"metrics {asked(LIKELIHOOD_METRICS + BOUND_METRICS)} score 8-bit "
-                     f"images; dataset {config.data.name!r} holds {info.kind}")
+                     f"images; dataset {ds['name']!r} holds {info.kind}")
   lpips_variables = None
   if set(metrics) & set(RECONSTRUCTION_METRICS):
     recon = asked(RECONSTRUCTION_METRICS)
@@ -401,7 +403,7 @@ def make_evaluator(config, info, workdir: str, mesh, *, use_ema: bool = True):
                        f"capability): {run_desc} without one")
     if {"psnr", "ssim", "lpips"} & set(metrics) and info.kind != "image":
       raise ValueError(f"metrics {[m for m in recon if m != 'rfd']} compare images in "
-                       f"[-1, 1]; dataset {config.data.name!r} holds {info.kind}")
+                       f"[-1, 1]; dataset {ds['name']!r} holds {info.kind}")
     if "rfd" in metrics and not nets:
       raise ValueError("metric rfd needs a feature network: config.eval.feature_workdir "
                        "(a run with features, e.g. a classifier) and/or "
@@ -414,21 +416,21 @@ def make_evaluator(config, info, workdir: str, mesh, *, use_ema: bool = True):
       if c not in (1, 3) or min(h, w) < vgg.MIN_SIZE:
         raise ValueError(f"metric lpips compares 1- or 3-channel images of at least "
                          f"{vgg.MIN_SIZE}×{vgg.MIN_SIZE} (VGG16's four "
-                         f"pools); dataset {config.data.name!r} has {h}×{w}×{c}")
+                         f"pools); dataset {ds['name']!r} has {h}×{w}×{c}")
       lpips_variables = jax.device_put(lpips_lib.load(e.lpips_weights),
                                        parallel.replicated(mesh))
 
   # The reference split, loaded once (not at every evaluation).
   ref_images = ref_labels = None
   if set(metrics) & (set(LIKELIHOOD_METRICS) | set(BOUND_METRICS) | set(RECONSTRUCTION_METRICS)):
-    ref_images, ref_labels = data.load_arrays(config.data.name, e.reference_split,
+    ref_images, ref_labels = data.load_arrays(ds["name"], e.reference_split,
                                               ds["data_dir"], image_size=ds["image_size"])
   lik = slice(0, e.likelihood_images)
   rec = slice(0, e.num_samples)
 
   def evaluate_fn(step: int, params, *, max_batches=None, extra=None):
     results = {"checkpoint_step": step, "seed": e.seed,
-               "reference": f"{config.data.name}:{e.reference_split}", **(extra or {})}
+               "reference": f"{ds['name']}:{e.reference_split}", **(extra or {})}
     if sample_metrics is not None:
       sample_results = sample_metrics(step, params, max_batches)
       if sample_results is None:
@@ -494,7 +496,7 @@ def _sample_metrics_fn(config, info, generator, workdir, nets, metrics, batch_si
                        "config.text.clip_workdir)")
     if not ncls or not info.label_captions:
       raise ValueError("clip_score captions samples by their labels: dataset "
-                       f"{config.data.name!r} "
+                       f"{ds['name']!r} "
                        + ("is unconditional" if not ncls else "is not captioned by its labels"))
 
   sample_fn = generator.sample()  # config.sample's sampler, steps and guidance
@@ -510,7 +512,9 @@ def _sample_metrics_fn(config, info, generator, workdir, nets, metrics, batch_si
 
   def ref(net, split):
     if (net.name, split) not in refs:
-      refs[net.name, split] = reference_stats(net, config.data.name, split, mesh, **ds)
+      refs[net.name, split] = reference_stats(net, ds["name"], split, mesh,
+                                              data_dir=ds["data_dir"],
+                                              image_size=ds["image_size"])
     return refs[net.name, split]
 
   def sample_metrics(step, params, max_batches):
@@ -545,8 +549,8 @@ def _sample_metrics_fn(config, info, generator, workdir, nets, metrics, batch_si
 
     results = {"num_samples": num_samples, "sampler": s.sampler, "num_steps": s.num_steps,
                "guidance": s.guidance, "feature_networks": sources,
-               "floor": f"{config.data.name}:{e.floor_split} vs "
-                        f"{config.data.name}:{e.reference_split}"}
+               "floor": f"{ds['name']}:{e.floor_split} vs "
+                        f"{ds['name']}:{e.reference_split}"}
     for net in nets:
       feats = np.concatenate(acc[f"{net.name}_features"]).astype(np.float64)
       logits = np.concatenate(acc[f"{net.name}_logits"])
@@ -574,7 +578,7 @@ def _clip_scores(net, feats, labels, ncls, reference, config, ds) -> dict:
   if reference["features"] is None:
     raise ValueError(f"{reference['path']} holds only mu and sigma: clip_score_real needs "
                      "the reference features; remove it to recompute")
-  real_labels = data.load_arrays(config.data.name, config.eval.reference_split,
+  real_labels = data.load_arrays(ds["name"], config.eval.reference_split,
                                  ds["data_dir"], image_size=ds["image_size"])[1]
   return {"clip_score": score(feats, labels),
           "clip_score_real": score(np.asarray(reference["features"], np.float64), real_labels)}

@@ -83,3 +83,27 @@ def test_bad_settings_name_the_key(data_dir, ae_run):
     tasks.make(_latent_config(data_dir, "/nonexistent/vae.safetensors"), info)
   with pytest.raises(FileNotFoundError, match="neither a run directory"):
     tasks.make(_latent_config(data_dir, "/nonexistent/run"), info)
+
+
+def test_trains_on_a_latent_cache_and_samples_pixels(data_dir, ae_run, tmp_path):
+  """The cache path: the autoencoder and the measured scale come from the cache's
+  metadata (no config.latent keys), random flips draw the flipped posteriors, samples
+  decode to pixels through sample_run."""
+  from diffusion_jax import data
+  from diffusion_jax.training import generate
+  from diffusion_jax.training.tasks import latent
+  autoencoder, params = latent.load_autoencoder(ae_run)
+  cache = str(tmp_path / "cache")
+  data.latents.write_split(cache, "sklearn_digits", "train", data_dir,
+                           lambda p, x, y: autoencoder.encode(p, x), params, flips=True,
+                           batch_size=64, autoencoder=ae_run)
+  c = tiny_config(data_dir, **{"data.name": cache, "data.random_flip": True,
+                               "model.attn_resolutions": (2,), "train.num_steps": 2})
+  info = loop.dataset_info(c)
+  assert info.kind == "latents" and info.image_shape == (4, 4, 2)
+  space = latent.space(c, info)
+  assert space.cached and space.scale == pytest.approx(info.latents.data_scale)
+  assert space.shift == pytest.approx(info.latents.data_shift)
+  loop.train(c, str(tmp_path / "run"))
+  images, labels, comp = generate.sample_run(str(tmp_path / "run"), 4, num_steps=2)
+  assert images.shape == (4, 8, 8, 1) and comp.info.latents.autoencoder == ae_run
