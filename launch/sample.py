@@ -13,7 +13,7 @@ to N; its `labels`, where >= 0, are used unless --labels is given):
   --classifier_workdir=DIR --classifier_scale=S   classifier guidance by a run of the
                              classifier task (same path and data)
 
-GAN runs: --interpolate=linear|slerp [--interpolation_points=8] writes latent
+GAN and VAE runs: --interpolate=linear|slerp [--interpolation_points=8] writes latent
 interpolation strips instead: row r goes from z0 to z1 (drawn from --seed and r) with
 label r of --labels (cycled to --num_samples rows): `images` uint8 [R, P, H, W, C] and,
 with --grid, a PNG with one strip per row.
@@ -54,7 +54,7 @@ _PROMPTS = flags.DEFINE_multi_string(
     "prompt", None, "Caption(s) of a text-conditional run, cycled to N (repeatable; "
     "default: the digit caption of each label).")
 _INTERPOLATE = flags.DEFINE_enum("interpolate", None, ["linear", "slerp"],
-                                 "GAN runs: latent interpolation strips (see above).")
+                                 "GAN and VAE runs: latent interpolation strips (see above).")
 _POINTS = flags.DEFINE_integer("interpolation_points", 8, "Images per interpolation strip.")
 flags.mark_flags_as_required(["workdir", "output"])
 
@@ -88,11 +88,11 @@ def _inputs():
 
 def _interpolation_strips():
   """(images uint8 [R, P, H, W, C], labels [R], checkpoint step) of a run whose
-  generator interpolates latents (GANs)."""
+  generator interpolates latents (GANs, VAEs)."""
   comp = runs.load(_WORKDIR.value, step=_STEP.value, params="raw" if _RAW.value else "ema")
   gen = generate.generator_of(comp)
   if gen.interpolate is None:
-    raise ValueError(f"--interpolate needs a run that interpolates latents (a GAN); "
+    raise ValueError(f"--interpolate needs a run that interpolates latents (a GAN or VAE); "
                      f"{_WORKDIR.value} is a config.task={comp.config.task!r} run")
   labels = generate.resolve_labels(gen.num_classes, _NUM.value, _LABELS.value)
   strips = jax.jit(lambda t, l: gen.interpolate(

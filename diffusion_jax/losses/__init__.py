@@ -1,6 +1,8 @@
 """Pure loss functions beside the diffusion loss (which stays in diffusion/losses.py):
-`contrastive` (CLIP softmax, SigLIP sigmoid, retrieval accuracy) and `gan` (minimax,
-non-saturating, hinge, LSGAN, WGAN; WGAN-GP and R1 penalties). Plain jax.numpy."""
-from diffusion_jax.losses import contrastive, gan
+`contrastive` (CLIP softmax, SigLIP sigmoid, retrieval accuracy), `gan` (minimax,
+non-saturating, hinge, LSGAN, WGAN; WGAN-GP and R1 penalties) and `vae` (the
+reparameterised sample, the Gaussian KL, the decoder likelihoods, ELBO and IWAE).
+Plain jax.numpy."""
+from diffusion_jax.losses import contrastive, gan, vae
 
-__all__ = ["contrastive", "gan"]
+__all__ = ["contrastive", "gan", "vae"]

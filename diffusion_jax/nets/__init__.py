@@ -3,6 +3,7 @@
     UNet, DiT, Classifier      the denoisers and the noise-conditional classifier
     build_denoiser / build_dit / build_classifier (config.model, ...) -> nn.Module
     unet, dit, classifier, layers, gan, clip, inception, vgg, lpips, torch_weights
+    vae                        the VAE's MLP / conv encoders and decoders (config.vae)
     autoencoder                the KL autoencoder of latent diffusion (diffusers' AutoencoderKL)
                                and the published SD / SDXL / FLUX autoencoders' weights
 
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from diffusion_jax.nets import (autoencoder, classifier, dit, gan, inception, layers, lpips,
-                                torch_weights, unet, vgg)
+                                torch_weights, unet, vae, vgg)
 from diffusion_jax.nets.classifier import Classifier
 from diffusion_jax.nets.dit import DiT
 from diffusion_jax.nets.unet import UNet
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["DTYPES", "Classifier", "DiT", "UNet", "autoencoder", "build_classifier",
            "build_denoiser", "build_dit", "classifier", "clip", "dit", "dit_size", "dtype",
            "gan", "inception", "layers", "lpips", "torch_weights", "unet", "unet_options",
-           "vgg"]
+           "vae", "vgg"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
