@@ -8,7 +8,7 @@ nothing: VGG sees them as they are).
 
   diffusion-jax-train --config=mnist5k_autoencoder --workdir=/tmp/mnist5k_ae
   diffusion-jax-evaluate --workdir=/tmp/mnist5k_ae --config.eval.metrics=psnr,ssim
-  diffusion-jax-encode --autoencoder=/tmp/mnist5k_ae --data.name=mnist5k \\
+  diffusion-jax-encode --autoencoder=/tmp/mnist5k_ae --dataset=mnist5k \\
       --output_dir=/tmp/tfds/mnist5k_latents
 """
 from diffusion_jax.config import base
@@ -17,9 +17,9 @@ from diffusion_jax_configs import common
 
 def get_config():
   c = common.mnist5k_data(base(), batch_size=32)
-  common.latent_autoencoder(c, channels=(16, 32, 32), latent_channels=4, disc_start=1500)
+  common.latent_autoencoder(c, channels=(16, 32, 32), latent_channels=4, disc_start=800)
   c.optim.update(name="adam", lr=1e-3, b1=0.5, b2=0.9, schedule="constant", warmup_steps=50)
-  c.train.update(num_steps=2000, log_every=100, checkpoint_every=500, ema_decay=0.999)
+  c.train.update(num_steps=1200, log_every=100, checkpoint_every=600, ema_decay=0.999)
   c.eval.metrics = ("psnr", "ssim")
   c.eval.num_samples = 1000
   return c

@@ -3,7 +3,7 @@ digits: rectified flow with a DiT (Peebles & Xie 2023, patch 1: 49 tokens) on th
 7×7×4 latents of a configs/mnist5k_autoencoder.py run, from its latent cache:
 
   diffusion-jax-train --config=mnist5k_autoencoder --workdir=/tmp/mnist5k_ae
-  diffusion-jax-encode --autoencoder=/tmp/mnist5k_ae --data.name=mnist5k \\
+  diffusion-jax-encode --autoencoder=/tmp/mnist5k_ae --dataset=mnist5k \\
       --output_dir=/tmp/tfds/mnist5k_latents
   diffusion-jax-train --config=mnist5k_latent --workdir=/tmp/mnist5k_ldm \\
       --config.data.name=/tmp/tfds/mnist5k_latents

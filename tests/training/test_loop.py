@@ -148,7 +148,9 @@ _SLOW_CONFIGS = {"cifar10_ddpm.py",      # 35.7M parameters: ~37 s
                  "gan_mnist5k.py", "gan_mnist5k_cond.py"}  # ~16 s each; gan_digits covers the code
 # digits_t2i.py needs a finished clip run (text.clip_workdir): tests/training/
 # test_text_to_image.py trains one and runs it through the command line.
-_OWN_TESTS = {"digits_t2i.py"}
+# The latent recipes need a latent cache / clip run: tests/test_latent_recipes.py runs
+# each for one step through the command line at a tiny size.
+_OWN_TESTS = {"digits_t2i.py", "imagenet256_dit_xl2.py", "mnist5k_latent_t2i.py"}
 # Trained by their own default tests, which hold this test's invariant for them: the
 # config's own model through diffusion-jax-train, checkpointed, no sample grid
 # (tests/training/test_clip_task.py::test_train_cli_then_held_out_retrieval, 150 steps).
@@ -182,7 +184,7 @@ def test_every_config_trains_one_step_and_samples(path, data_dir, tmp_path):
                         "--config.train.log_every=1", "--config.sample.num_steps=2",
                         "--config.sample.per_class=1"])
   assert os.listdir(tmp_path / "checkpoints") == ["1"]
-  if c.task in ("classifier", "clip") or name == "ring8":  # no sampler; points, not images
+  if c.task in ("classifier", "clip", "autoencoder") or name == "ring8":  # no sampler; points
     assert not os.path.exists(tmp_path / "samples")
   else:
     assert os.listdir(tmp_path / "samples") == ["step_0000001.png"]
