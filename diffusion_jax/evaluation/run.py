@@ -501,11 +501,11 @@ def _sample_metrics_fn(config, info, generator, workdir, nets, metrics, batch_si
 
   sample_fn = generator.sample()  # config.sample's sampler, steps and guidance
 
-  def sample_features(params, cond, keys, f_params):
-    images, nfe = sample_fn(params, cond, keys)
+  def sample_features(params, cond, keys, f_params, **frozen):
+    images, nfe = sample_fn(params, cond, keys, **frozen)
     return {net.name: net.image(f_params[net.name], images) for net in nets}, nfe
 
-  compiled = generate.compile_sampler(sample_features)
+  compiled = generate.compile_sampler(sample_features, generator.frozen)
   f_params = {net.name: net.params for net in nets}
   key = jax.random.key(e.seed)
   refs = {}

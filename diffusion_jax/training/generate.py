@@ -16,13 +16,21 @@ from diffusion_jax.training.tasks.base import Generator
 __all__ = ["compile_sampler", "generate", "generator_of", "resolve_labels", "sample_run"]
 
 
-def compile_sampler(sample_fn):
-  """jit of (params, cond, indices [N], key, *extra) -> images, keys derived per index."""
-  def run(params, cond, indices, key, *extra):
+def compile_sampler(sample_fn, frozen=None):
+  """jit of (params, cond, indices [N], key, *extra) -> images, keys derived per index.
+  frozen: a generator's frozen component parameters (`Generator.frozen`), given to
+  sample_fn as `frozen=` and to the compiled program as an argument (not a constant)."""
+  def run(params, frozen, cond, indices, key, *extra):
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
-    images, _ = sample_fn(params, cond, keys, *extra)
+    kw = {} if frozen is None else {"frozen": frozen}
+    images, _ = sample_fn(params, cond, keys, *extra, **kw)
     return images
-  return jax.jit(run)
+  if frozen is None:  # the jitted function itself (callers may .lower() it)
+    return jax.jit(lambda params, cond, indices, key, *extra: run(params, None, cond, indices,
+                                                                 key, *extra))
+  jitted = jax.jit(run)
+  return lambda params, cond, indices, key, *extra: jitted(params, frozen, cond, indices,
+                                                           key, *extra)
 
 
 def generate(compiled, params, cond: dict, key, mesh, *extra, offset: int = 0):
@@ -96,8 +104,8 @@ def sample_run(workdir: str, num_samples: int, labels=None, *, seed: int = 0, sa
   cond = gen.conditioning(labels, prompts=prompts, images=inputs, mask=inpaint)
   sample_fn = gen.sample(sampler=sampler, num_steps=num_steps, guidance=guidance,
                          strength=strength, classifier=classifier)
-  images = generate(compile_sampler(sample_fn), comp.params, cond, jax.random.key(seed),
-                    comp.mesh, *extra)
+  images = generate(compile_sampler(sample_fn, gen.frozen), comp.params, cond,
+                    jax.random.key(seed), comp.mesh, *extra)
   if not np.all(np.isfinite(images)):
     bad = int(np.sum(~np.all(np.isfinite(images.reshape(n, -1)), axis=1)))
     raise FloatingPointError(

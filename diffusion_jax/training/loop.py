@@ -120,7 +120,7 @@ def _train(config, workdir, devices, preemption, make_evaluator):
   run_step, current = _compile_step(config, task, mesh, shardings, state)
   sampler = grid = None
   if task.generator is not None and config.sample.per_class and task.generator.pictures:
-    sampler = generate.compile_sampler(task.generator.sample())
+    sampler = generate.compile_sampler(task.generator.sample(), task.generator.frozen)
     grid = task.generator.grid()
   evaluator = None
   if config.eval.every:

@@ -114,6 +114,10 @@ class Generator:
     know which settings describe its samples.
   pictures: its samples are pictures (grids and PNGs apply); False for other values
     (e.g. 2-D points).
+  frozen: parameters of frozen components the samples need besides the run's own (a
+    latent space's autoencoder), or None. Callers pass them to sample_fn as the
+    keyword `frozen=` (`generate.compile_sampler(sample_fn, frozen)` does), so they are
+    arguments of the compiled sampler rather than constants baked into it.
   """
   sample: Callable[..., SampleFn]
   conditioning: Callable[..., dict]
@@ -122,6 +126,7 @@ class Generator:
   interpolate: Callable | None = None
   options: tuple[str, ...] = ("sampler", "num_steps", "guidance", "strength", "classifier")
   pictures: bool = True
+  frozen: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -87,8 +87,9 @@ def make(config, info) -> Task:
                     mask=optim.trainable(config.optim.trainable)),)
 
   def sample(*, sampler=None, num_steps=None, guidance=None, strength=1.0, classifier=None):
-    """sample_fn(params, cond, keys [N], classifier_params=None) -> (images [N,H,W,C]
-    in [-1, 1], NFE); cond as in `conditioning.py`. strength: SDEdit's t₀ (the input is
+    """sample_fn(params, cond, keys [N], classifier_params=None, *, frozen=None) ->
+    (images [N,H,W,C] in [-1, 1], NFE); cond as in `conditioning.py`; frozen: the
+    latent space's autoencoder parameters (`Generator.frozen`; None: closed over). strength: SDEdit's t₀ (the input is
     noised to t₀ and solved back from there). classifier: (Guide, scale) for
     classifier guidance, its parameters the last argument of sample_fn. Defaults come
     from config.sample. CFG applies to class- and text-conditional models. Sample i
@@ -105,7 +106,7 @@ def make(config, info) -> Task:
     shape = tuple(info.image_shape)
     cfg_on = bool(null and guidance)
 
-    def sample_fn(params, cond, keys, classifier_params=None):
+    def sample_fn(params, cond, keys, classifier_params=None, *, frozen=None):
       labels = cond["label"]
       if strength < 1 and "image" not in cond:
         raise ValueError("SDEdit (strength < 1) needs an input image")
@@ -134,7 +135,7 @@ def make(config, info) -> Task:
       x_init = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys)
       source = cond.get("image")
       if source is not None and space is not None:  # editing inputs are pictures
-        source = space.encode(source, labels)
+        source = space.encode(source, labels, frozen)
       if strength < 1:
         x_init = samplers.editing.noise_to(path, source, strength,
                                            jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys))
@@ -145,7 +146,7 @@ def make(config, info) -> Task:
       x0, nfe = solve(denoiser, path, x_init, step_keys, num_steps, t_start=strength,
                       **options)
       if space is not None:
-        x0 = space.decode(x0, labels)
+        x0 = space.decode(x0, labels, frozen)
       if "mask" in cond:  # in pixel space: the known pixels exactly
         x0 = samplers.editing.paste(x0, cond["image"], cond["mask"])
       return jnp.clip(x0, -1.0, 1.0), nfe * (2 if cfg_on else 1)  # CFG: two passes per call
@@ -170,7 +171,8 @@ def make(config, info) -> Task:
       sample=sample,
       conditioning=lambda labels, **kw: cond_lib.conditioning(config, pixel_info, labels, **kw),
       grid=lambda: cond_lib.grid_conditioning(config, pixel_info),
-      num_classes=cond_lib.sample_classes(config, info), pictures=pixel_info.is_image)
+      num_classes=cond_lib.sample_classes(config, info), pictures=pixel_info.is_image,
+      frozen=None if space is None else space.params)
 
   likelihood = None  # of pixels: not in a latent space
   if not config.superres.low_res and config.text.encoder != "precomputed" and space is None:

@@ -125,27 +125,32 @@ class LatentSpace:
   latent_info: Any
   cached: bool
 
-  def draw(self, batch, keys):
+  def draw(self, batch, keys, params=None):
     """z₀ [B, *latent_shape] of a batch: z = mean + std·ε with ε = N(fold_in(key_i, ·))
     (a fresh draw every step), scaled. Cached batches give the posterior; pixel
     batches are encoded here."""
     if self.cached:
       mean, std = batch["mean"].astype(jnp.float32), batch["std"].astype(jnp.float32)
     else:
-      mean, std = self.autoencoder.encode(self.params, batch["image"], _labels(self, batch))
+      mean, std = self.autoencoder.encode(self._params(params), batch["image"],
+                                          _labels(self, batch))
       mean, std = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(std)
     eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, _EPS), mean.shape[1:]))(keys)
     return self.scale * (mean + std * eps - self.shift)
 
-  def encode(self, images, labels=None):
+  def _params(self, params):
+    return self.params if params is None else params
+
+  def encode(self, images, labels=None, params=None):
     """Pixels [N, H, W, C] in [-1, 1] → the scaled posterior means [N, *latent_shape]
-    (the deterministic latents of SDEdit's and inpainting's inputs)."""
-    mean, _ = self.autoencoder.encode(self.params, images, labels)
+    (the deterministic latents of SDEdit's and inpainting's inputs). params: the
+    autoencoder's (default: the closed-over `self.params`, compile-time constants)."""
+    mean, _ = self.autoencoder.encode(self._params(params), images, labels)
     return self.scale * (mean - self.shift)
 
-  def decode(self, z, labels=None):
+  def decode(self, z, labels=None, params=None):
     """Scaled latents [N, *latent_shape] → pixels [N, H, W, C] in [-1, 1]."""
-    return self.autoencoder.decode(self.params, z / self.scale + self.shift, labels)
+    return self.autoencoder.decode(self._params(params), z / self.scale + self.shift, labels)
 
   def mask(self, mask):
     """A pixel mask [N, H, W, 1|C] (1 = keep) → the latent grid's [N, h, w, 1]: a latent
