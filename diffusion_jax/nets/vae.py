@@ -74,6 +74,19 @@ def check_shape(image_shape, depth: int, network: str = "conv") -> tuple[int, in
   return H // f, W // f
 
 
+def _mlp_trunk(m: nn.Module, h, labels):
+  """The MLPs' shared trunk inside module m's compact call: h [B, D] (‖ Embed(y)
+  [width] when m.num_classes) → [Dense(width), SiLU] × m.depth."""
+  kw = dict(dtype=m.dtype, param_dtype=m.param_dtype)
+  h = h.astype(m.dtype)
+  if m.num_classes:
+    h = jnp.concatenate([h, nn.Embed(m.num_classes, m.width, name="embed_y", **kw)(labels)],
+                        axis=-1)
+  for i in range(m.depth):
+    h = nn.silu(nn.Dense(m.width, name=f"hidden_{i}", **kw)(h))
+  return h
+
+
 class MLPEncoder(nn.Module):
   """x [B, H, W, C] → flatten (‖ Embed(y) [width] when conditional) → [Dense(width),
   SiLU] × depth → Dense(2·latent_dim) → (mean, logvar) [B, latent_dim]."""
@@ -86,14 +99,10 @@ class MLPEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, labels):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = x.reshape(x.shape[0], -1).astype(self.dtype)
-    if self.num_classes:
-      h = jnp.concatenate([h, nn.Embed(self.num_classes, self.width, name="embed_y",
-                                       **kw)(labels)], axis=-1)
-    for i in range(self.depth):
-      h = nn.silu(nn.Dense(self.width, name=f"hidden_{i}", **kw)(h))
-    return _split(nn.Dense(2 * self.latent_dim, name="out", **kw)(h), self.latent_dim)
+    h = _mlp_trunk(self, x.reshape(x.shape[0], -1), labels)
+    out = nn.Dense(2 * self.latent_dim, name="out", dtype=self.dtype,
+                   param_dtype=self.param_dtype)(h)
+    return _split(out, self.latent_dim)
 
 
 class MLPDecoder(nn.Module):
@@ -110,15 +119,10 @@ class MLPDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, z, labels):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = z.astype(self.dtype)
-    if self.num_classes:
-      h = jnp.concatenate([h, nn.Embed(self.num_classes, self.width, name="embed_y",
-                                       **kw)(labels)], axis=-1)
-    for i in range(self.depth):
-      h = nn.silu(nn.Dense(self.width, name=f"hidden_{i}", **kw)(h))
+    h = _mlp_trunk(self, z, labels)
     P = 2 if self.learned_scale else 1
-    out = nn.Dense(math.prod(self.image_shape) * P, name="out", **kw)(h)
+    out = nn.Dense(math.prod(self.image_shape) * P, name="out", dtype=self.dtype,
+                   param_dtype=self.param_dtype)(h)
     H, W, C = self.image_shape
     # Channel-last layout [H, W, C·P]: the outputs of one pixel are adjacent.
     return _outputs(out.reshape(z.shape[0], H, W, C * P), self.learned_scale)

@@ -17,8 +17,14 @@ from diffusion_jax.training.tasks.base import (
 # import cycle.
 TASKS = ("diffusion", "classifier", "clip", "gan", "vae", "autoencoder")
 
-__all__ = ["TASKS", "Autoencoder", "Bound", "Features", "Generator", "Guide", "Likelihood", "Player", "StepContext",
+__all__ = ["TASKS", "Autoencoder", "Bound", "latent", "Features", "Generator", "Guide", "Likelihood", "Player", "StepContext",
            "Task", "TextEncoder", "make", "module"]
+
+
+def __getattr__(name: str):
+  if name == "latent":  # frozen autoencoders (it imports this package: loaded on first use)
+    return importlib.import_module(f"{__name__}.latent")
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def module(name: str):
