@@ -88,7 +88,8 @@ def test_bad_settings_name_the_key(data_dir, ae_run):
 def test_trains_on_a_latent_cache_and_samples_pixels(data_dir, ae_run, tmp_path):
   """The cache path: the autoencoder and the measured scale come from the cache's
   metadata (no config.latent keys), random flips draw the flipped posteriors, samples
-  decode to pixels through sample_run."""
+  decode to pixels through sample_run, and a classifier trained on the same latents
+  guides them."""
   from diffusion_jax import data
   from diffusion_jax.training import generate
   from diffusion_jax.training.tasks import latent
@@ -107,3 +108,13 @@ def test_trains_on_a_latent_cache_and_samples_pixels(data_dir, ae_run, tmp_path)
   loop.train(c, str(tmp_path / "run"))
   images, labels, comp = generate.sample_run(str(tmp_path / "run"), 4, num_steps=2)
   assert images.shape == (4, 8, 8, 1) and comp.info.latents.autoencoder == ae_run
+  # Classifier guidance in the latent space: a noise-conditional classifier of the same
+  # cache (and so the same scaled latents and path) guides the latent model.
+  cls = tiny_config(data_dir, **{"task": "classifier", "data.name": cache,
+                                 "model.attn_resolutions": (2,), "train.num_steps": 2})
+  assert tasks.make(cls, info).features is None  # it classifies latents, not pixels
+  loop.train(cls, str(tmp_path / "cls"))
+  guided, _, _ = generate.sample_run(str(tmp_path / "run"), 4, [1, 2], num_steps=2,
+                                     classifier_workdir=str(tmp_path / "cls"),
+                                     classifier_scale=3.0)
+  assert guided.shape == (4, 8, 8, 1) and not np.allclose(guided, images)

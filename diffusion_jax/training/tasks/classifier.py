@@ -5,6 +5,10 @@ x_t and t are drawn exactly as the diffusion task draws them (config.diffusion's
 time sampling), so a classifier trained here guides a diffusion model of the same path
 (`samplers.guidance.classifier`). The network sees x_t / √(a² + b²), an input of
 roughly unit scale on every path (VE's x_t grows to σ_max). It has no sampler.
+
+In a latent space (a latent cache, or config.latent.autoencoder: `latent.py`) it
+classifies the scaled latents a latent-diffusion model of the same settings samples,
+so it guides that model; it then offers no `features` (evaluation compares pixels).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import optax
 from diffusion_jax import nets
 from diffusion_jax.diffusion import losses, paths
 from diffusion_jax.training import optim, state as state_lib
+from diffusion_jax.training.tasks import latent as latent_lib
 from diffusion_jax.training.tasks.base import Features, Guide, Player, Task
 
 
@@ -31,6 +36,9 @@ def make(config, info) -> Task:
   """Capabilities: `features` (logits and pooled features of clean images: the domain
   feature network of evaluation) and `guide` (log p(y | x_t, t) for classifier
   guidance of models on the same path, when trained on noisy inputs)."""
+  space = latent_lib.space(config, info)
+  if space is not None:
+    info = space.latent_info
   net, path = model(config, info), paths.from_config(config.diffusion)
   tx, sched = optim.make(config.optim, config.train.num_steps)
   noisy = config.classifier.noise_conditional
@@ -52,7 +60,8 @@ def make(config, info) -> Task:
     return state_lib.init_state(players, net.init(key, x, jnp.zeros((1,)))["params"])
 
   def loss(params, batch, keys, ctx):
-    x0, labels = batch["image"], batch["label"]
+    x0 = batch["image"] if space is None else space.draw(batch, keys)
+    labels = batch["label"]
     if noisy:
       t, _, x_t, _ = jax.vmap(lambda k, x: losses.noise_example(
           config.diffusion, path, k, x, 0, 0))(keys, x0)
@@ -67,6 +76,6 @@ def make(config, info) -> Task:
   players = (Player(loss=loss, tx=tx, schedule=sched, ema_decay=config.train.ema_decay,
                     mask=optim.trainable(config.optim.trainable)),)
   return Task(init=init, players=players,
-              features=Features(image=features, num_classes=info.num_classes),
+              features=None if space else Features(image=features, num_classes=info.num_classes),
               guide=Guide(log_prob=log_prob, path=path, noise_conditional=noisy,
                           image_shape=tuple(info.image_shape), num_classes=info.num_classes))
