@@ -10,6 +10,9 @@ nothing: VGG sees them as they are).
   diffusion-jax-evaluate --workdir=/tmp/mnist5k_ae --config.eval.metrics=psnr,ssim
   diffusion-jax-encode --autoencoder=/tmp/mnist5k_ae --dataset=mnist5k \\
       --output_dir=/tmp/tfds/mnist5k_latents
+
+Measured (2-core CPU, 404 s): held-out PSNR 26.28 dB, SSIM 0.944 (docs/benchmarks.md,
+"Latent diffusion pipeline").
 """
 from diffusion_jax.config import base
 from diffusion_jax_configs import common

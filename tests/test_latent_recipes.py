@@ -142,6 +142,7 @@ def clip_run(data_dir, tmp_path_factory):
   return w
 
 
+@pytest.mark.slow  # text conditioning in latent space: test_text_to_image + test_latent_diffusion
 def test_t2i_recipe_trains_one_step_on_a_latent_cache(latent_cache, clip_run, tmp_path):
   w = str(tmp_path / "t2i")
   run_train_in_process([f"--config={T2I}", f"--workdir={w}",

@@ -197,6 +197,7 @@ def test_inception_features(runs, tmp_path):
     eval_run.evaluate(str(runs / "model"), overrides={**only, "eval.metrics": ("kid",)})
 
 
+@pytest.mark.slow  # bounds vs closed forms by default: tests/evaluation/test_reconstruction.py
 def test_vae_run_through_the_command(runs, data_dir):
   """A short class-conditional VAE run (configs/digits_vae.py: discretised-logistic
   decoder, so its bound is of the 8-bit values) evaluated by diffusion-jax-evaluate:

@@ -128,7 +128,7 @@ def test_load_weights_errors(torch_model, tmp_path, monkeypatch):
                                                "downloaded.*pt_inception-2015-12-05"):
     inception.load_weights(str(tmp_path / "absent.pth"))
   (tmp_path / "w.bin").write_bytes(b"")
-  with pytest.raises(ValueError, match=r"expected a \.pth"):
+  with pytest.raises(ValueError, match=r"expected a \.safetensors, \.pth"):
     inception.load_weights(str(tmp_path / "w.bin"))
   bad = {k: v for k, v in torch_model.state_dict().items() if not k.startswith("fc.")}
   with pytest.raises(ValueError, match="missing keys: fc.bias, fc.weight"):

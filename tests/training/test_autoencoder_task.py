@@ -115,6 +115,7 @@ def _without_key_bias(tree):
   return [x for p, x in flat if "to_k']['bias" not in jax.tree_util.keystr(p)]
 
 
+@pytest.mark.slow  # the one-player path trains in tests/training/test_latent_diffusion.py
 def test_autoencoder_capability_shapes(data_dir):
   c = _tiny_ae(data_dir, **{"autoencoder.disc_weight": 0.0})
   info = loop.dataset_info(c)

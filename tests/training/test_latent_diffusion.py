@@ -54,9 +54,20 @@ def test_trains_samples_and_edits_through_the_command_line(data_dir, ae_run, tmp
   keep = np.ones((8, 8), bool)
   keep[2:6, 2:6] = False
   np.testing.assert_array_equal(inp[:, keep], s["images"][::-1][:, keep])
-  run_cli("sample", [f"--workdir={workdir}", f"--output={tmp_path / 'sde.npz'}",
-                     "--num_samples=6", "--steps=3", f"--input={src}", "--strength=0.5"])
-  assert np.load(tmp_path / "sde.npz")["images"].shape == (6, 8, 8, 1)
+
+
+@pytest.mark.slow  # the editing wrapper is pixel space's (tests/samplers/test_editing.py)
+def test_sdedit_from_pixel_inputs(data_dir, ae_run, tmp_path):
+  """SDEdit in latent space: the pixel input is encoded, noised to t₀ and solved back;
+  at t₀ → small the decoded result stays close to the input's reconstruction."""
+  from diffusion_jax.training import generate
+  workdir = str(tmp_path / "ldm")
+  loop.train(_latent_config(data_dir, ae_run, **{"train.num_steps": 1}), workdir)
+  x = np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 1)).astype(np.float32)
+  near, _, _ = generate.sample_run(workdir, 4, inputs=x, strength=0.05, num_steps=2)
+  far, _, _ = generate.sample_run(workdir, 4, inputs=x, strength=1.0, num_steps=2)
+  assert near.shape == far.shape == (4, 8, 8, 1)
+  assert np.mean((near - far) ** 2) > 0
 
 
 def test_resume_is_exact_and_the_latents_are_the_autoencoders(data_dir, ae_run, tmp_path):

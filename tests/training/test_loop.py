@@ -145,7 +145,9 @@ def _load_config(path):
 # own command-line test in tests/test_cli.py.)
 _SLOW_CONFIGS = {"cifar10_ddpm.py",      # 35.7M parameters: ~37 s
                  "mnist5k_flow.py", "mnist5k_superres.py",  # 3-level 32-ch U-Nets: ~20 s each
-                 "gan_mnist5k.py", "gan_mnist5k_cond.py"}  # ~16 s each; gan_digits covers the code
+                 "gan_mnist5k.py", "gan_mnist5k_cond.py",  # ~16 s each; gan_digits covers the code
+                 # the tasks' own digits tests cover these paths (autoencoder, vae, latent)
+                 "mnist5k_autoencoder.py", "mnist5k_vae.py"}
 # digits_t2i.py needs a finished clip run (text.clip_workdir): tests/training/
 # test_text_to_image.py trains one and runs it through the command line.
 # The latent recipes need a latent cache / clip run: tests/test_latent_recipes.py runs
