@@ -40,20 +40,21 @@ def test_trains_samples_and_edits_through_the_command_line(data_dir, ae_run, tmp
                         "--config.train.num_steps=2", "--config.sample.per_class=1",
                         f"--config.latent.autoencoder={ae_run}", "--config.latent.scale=0.5"])
   assert os.listdir(os.path.join(workdir, "samples")) == ["step_0000002.png"]
-  out = str(tmp_path / "s.npz")
+  # One sample command, inpainting pixel inputs (real digits): decoded samples have the
+  # pixel shape and the kept pixels are the input's, exactly.
+  from diffusion_jax import data
+  x, y = data.load_arrays("sklearn_digits", "test", data_dir)
+  src, out = str(tmp_path / "in.npz"), str(tmp_path / "inp.npz")
+  digits = np.round((x[:6] + 1) * 127.5).astype(np.uint8)
+  np.savez(src, images=digits, labels=y[:6])
   run_cli("sample", [f"--workdir={workdir}", f"--output={out}", "--num_samples=6",
-                     "--steps=3", "--grid"])
-  s = np.load(out)
-  assert s["images"].shape == (6, 8, 8, 1) and s["images"].dtype == np.uint8
-  # Inpainting from pixel inputs: the kept pixels are the input's, exactly.
-  src = str(tmp_path / "in.npz")
-  np.savez(src, images=s["images"][::-1], labels=s["labels"])
-  run_cli("sample", [f"--workdir={workdir}", f"--output={tmp_path / 'inp.npz'}",
-                     "--num_samples=6", "--steps=3", f"--input={src}", "--inpaint=center"])
-  inp = np.load(tmp_path / "inp.npz")["images"]
+                     "--steps=3", f"--input={src}", "--inpaint=center", "--grid"])
+  inp = np.load(out)["images"]
+  assert inp.shape == (6, 8, 8, 1) and inp.dtype == np.uint8
   keep = np.ones((8, 8), bool)
   keep[2:6, 2:6] = False
-  np.testing.assert_array_equal(inp[:, keep], s["images"][::-1][:, keep])
+  np.testing.assert_array_equal(inp[:, keep], digits[:, keep])
+  assert not np.array_equal(inp[:, ~keep], digits[:, ~keep])
 
 
 @pytest.mark.slow  # the editing wrapper is pixel space's (tests/samplers/test_editing.py)
