@@ -20,6 +20,23 @@ class TrainState:
   opt_state: Any
 
 
+def get_in(tree, *keys):
+  """tree[k0][k1]... (None keys are skipped: a single player's whole tree)."""
+  for k in keys:
+    if k is not None:
+      tree = tree[k]
+  return tree
+
+
+def put_in(tree, value, *keys):
+  """tree with tree[k0][k1]... replaced by value, dicts copied along the path (None keys
+  are skipped)."""
+  keys = [k for k in keys if k is not None]
+  if not keys:
+    return value
+  return dict(tree, **{keys[0]: put_in(tree[keys[0]], value, *keys[1:])})
+
+
 def ema_update(ema, params, decay: float, step):
   """ema ← d·ema + (1 − d)·params with d = min(decay, (1 + step)/(10 + step)), the
   warm-up of TF's ExponentialMovingAverage, so short runs are not dominated by init."""

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffusion_jax.training.state import ema_update
+from diffusion_jax.training.state import ema_update, get_in as _get, put_in as _put
 from diffusion_jax.training.tasks.base import Player, StepContext
 
 _DROPOUT_SALT = 0x7FFFFFFF  # a fold-in constant distinct from any example index
@@ -52,21 +52,6 @@ def interleaved(x, k: int, i: int):
   if k == 1:
     return x
   return x.reshape((x.shape[0] // k, k) + x.shape[1:])[:, i]
-
-
-def _get(tree, *keys):
-  for k in keys:
-    if k is not None:
-      tree = tree[k]
-  return tree
-
-
-def _put(tree, value, *keys):
-  """tree with tree[k0][k1]... replaced by value (None keys are skipped)."""
-  keys = [k for k in keys if k is not None]
-  if not keys:
-    return value
-  return dict(tree, **{keys[0]: _put(tree[keys[0]], value, *keys[1:])})
 
 
 def _masked(grads, mask, params):

@@ -129,14 +129,15 @@ def make(config, info) -> Task:
     path = ("params",) + tuple(ae_nets.LAST_LAYER)
 
     def with_last(w):
-      return _replace(variables, path, w)
+      return state_lib.put_in(variables, w, *path)
 
     def forward(w):
       x_hat = ae.apply(with_last(w), z, method="decode")
       logits, _ = apply_train(d_net, params["discriminator"], x_hat, None)
       return (jnp.mean(nll(params, x, x_hat)), gan_losses.generator_loss(g.loss, logits)), None
 
-    (rec, adv), pullback, _ = jax.vjp(forward, _get(variables, path), has_aux=True)
+    (rec, adv), pullback, _ = jax.vjp(forward, state_lib.get_in(variables, *path),
+                                          has_aux=True)
     if a.adaptive_weight:
       one, zero = jnp.ones((), rec.dtype), jnp.zeros((), rec.dtype)
       lam = ae_losses.adaptive_weight(pullback((one, zero))[0], pullback((zero, one))[0],
@@ -196,15 +197,3 @@ def make(config, info) -> Task:
                             latent_shape=latent_shape(config, info))
   return Task(init=init, players=players, autoencoder=autoencoder)
 
-
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def _replace(tree, path, value):
-  """tree with tree[path[0]][path[1]]... = value (dicts copied along the path)."""
-  if not path:
-    return value
-  return dict(tree, **{path[0]: _replace(tree[path[0]], path[1:], value)})
