@@ -23,7 +23,7 @@ STRUCTURAL_KEYS = ("task", "model", "clip", "vae.network", "vae.latent_dim", "va
                    "gan.mlp_depth", "gan.style_dim", "gan.mapping_depth",
                    "gan.patch_layers", "data.name", "data.image_size", "optim.name",
                    "superres.low_res", "text.encoder", "text.max_length",
-                   "optim.trainable")
+                   "optim.trainable", "distill.teacher", "distill.teacher_step")
 # Keys under a structural prefix that change compute only (a resumed run may switch
 # them, e.g. turn on remat or bf16 compute to fit a bigger batch).
 COMPUTE_ONLY_KEYS = ("model.remat", "model.attention_impl", "model.dtype", "model.dropout")
@@ -56,6 +56,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"               # compute dtype (activations, matmuls)
   c.model.param_dtype = "float32"         # parameter (and optimizer-state) dtype
   c.model.class_conditional = True        # False: labels are ignored (unconditional model)
+  c.model.guidance_input = False          # the CFG weight w is a network input (guidance distillation)
   c.model.remat = ""                      # '' | nothing | dots | dots_no_batch | everything (per block)
   c.model.attention_impl = config_dict.placeholder(str)  # None (XLA) | xla | cudnn
   # U-Net (ADM / DDPM++ family)
@@ -167,6 +168,31 @@ def base() -> ml_collections.ConfigDict:
   c.classifier = ml_collections.ConfigDict()
   c.classifier.noise_conditional = True   # False: clean images only (t = 0)
 
+  # Distillation (config.task = progressive | consistency | guidance_distillation |
+  # adversarial_distillation; docs/distillation.md): a student with the teacher run's
+  # model, diffusion, data, text and latent sections (checked), initialised from it.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.teacher = ""                  # workdir of the teacher (a diffusion or distillation run)
+  c.distill.teacher_step = config_dict.placeholder(int)  # None: its latest checkpoint
+  c.distill.teacher_params = "ema"        # ema | raw
+  c.distill.init = "teacher"              # teacher (the student starts as the teacher) | random
+  c.distill.guidance = config_dict.placeholder(float)  # CFG w of the teacher's targets; None: the teacher's sample.guidance
+
+  # --- progressive distillation (Salimans & Ho 2022) -------------------------------
+  c.progressive = ml_collections.ConfigDict()
+  c.progressive.weighting = "truncated_snr"  # truncated_snr: max(SNR, 1) | snr_plus_one | uniform (x̂₀-space loss)
+
+  # --- guidance distillation (Meng et al. 2023) ------------------------------------
+  c.guidance_distillation = ml_collections.ConfigDict()
+  c.guidance_distillation.w_min = 0.0     # w ~ U[w_min, w_max] per example
+  c.guidance_distillation.w_max = 4.0
+
+  # --- consistency distillation / training (Song et al. 2023) ----------------------
+  c.consistency = ml_collections.ConfigDict()
+
+  # --- adversarial diffusion distillation (Sauer et al. 2024) ----------------------
+  c.adversarial = ml_collections.ConfigDict()
+
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.path = "flow"               # flow | vp_discrete | vp_linear | vp_cosine | sub_vp | ve | edm
   c.diffusion.prediction = "velocity"     # velocity | eps | x | v | score | edm
@@ -261,7 +287,11 @@ def base() -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
-    "task": ("diffusion", "classifier", "clip", "gan", "vae", "autoencoder"),
+    "task": ("diffusion", "classifier", "clip", "gan", "vae", "autoencoder", "progressive",
+             "guidance_distillation", "consistency", "adversarial_distillation"),
+    "distill.teacher_params": ("ema", "raw"),
+    "distill.init": ("teacher", "random"),
+    "progressive.weighting": ("truncated_snr", "snr_plus_one", "uniform"),
     "vae.network": ("mlp", "conv"),
     "vae.likelihood": ("gaussian", "gaussian_learned", "bernoulli", "logistic"),
     "autoencoder.reconstruction": ("l1", "l2"),

@@ -162,3 +162,18 @@ def assert_trees_equal(a, b, rtol=0.0, atol=0.0):
       np.testing.assert_array_equal(x, y)
     else:
       np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(data_dir, tmp_path_factory):
+  """A 4-step tiny class-conditional rectified-flow run (`tiny_config`): the teacher of
+  the distillation tests (its quality is irrelevant; its parameters are what they read)."""
+  from diffusion_jax.training import loop
+  workdir = str(tmp_path_factory.mktemp("teacher"))
+  loop.train(tiny_config(data_dir, **{"train.num_steps": 4}), workdir)
+  return workdir
+
+
+def distill_config(data_dir: str, teacher: str, task: str, **overrides):
+  """`tiny_config` as the student of `teacher` (the same network and path)."""
+  return tiny_config(data_dir, **{"task": task, "distill.teacher": teacher, **overrides})

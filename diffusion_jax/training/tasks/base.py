@@ -18,6 +18,8 @@ and, where the task has them, capabilities (None where it does not):
     autoencoder: Autoencoder   it maps images to latents and back (latent diffusion,
                                latent caching, reconstruction metrics)
     bound: Bound               it bounds log p(x) by sampling latents (ELBO, IWAE)
+    denoiser: Denoiser         it denoises on a Gaussian path (a distillation teacher,
+                               the initialisation of a student)
 
 Generic code asks `task.generator is None`, never for a task's or a dataset's name.
 The one train step for every task is `training.step.make_train_step(task)`.
@@ -220,6 +222,33 @@ class Bound:
 
 
 @dataclasses.dataclass(frozen=True)
+class Denoiser:
+  """The capability of a trained denoiser on a Gaussian path: what a distillation
+  teacher gives its student, and what a student is initialised from.
+
+  apply(net, x_t [B, *shape], t [B], labels [B], cond: dict, **kw) -> the network's
+    prediction [B, *shape] of type `prediction` on `path` (`diffusion.predictions`),
+    net the network's own parameters; cond: the text entries of a batch or of a
+    sample conditioning ("tokens", "text_embedding"; `conditioning.py`); kw: network
+    keywords (train=True, rngs=..., guidance=w [B] for a `guidance_input` network);
+  network(params) -> net: the network's parameters within the run's parameter tree
+    (the tree itself for a diffusion run; the student's entry for a distillation run);
+  path, prediction: the path and the prediction type;
+  null: the ∅ label of classifier-free guidance (0: the model has none);
+  shape: the per-example shape it denoises (the latent shape in a latent space);
+  guidance_input: the network takes the guidance weight w as the keyword `guidance`
+    (a guidance-distilled student, Meng et al. 2023) instead of being called twice.
+  """
+  apply: Callable
+  network: Callable
+  path: Any
+  prediction: str
+  null: int
+  shape: tuple
+  guidance_input: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Task:
   """What every task provides; see the module docstring."""
   init: Callable[[jax.Array], Any]
@@ -232,6 +261,7 @@ class Task:
   text_encoder: TextEncoder | None = None
   autoencoder: Autoencoder | None = None
   bound: Bound | None = None
+  denoiser: Denoiser | None = None
 
 
 def class_grid_labels(num_classes: int, per_class: int):

@@ -4,8 +4,9 @@ One player (the denoiser, with an EMA) and the denoising loss of `diffusion/loss
 on config.diffusion's path, prediction, time sampling and weighting. Capabilities:
 `generator` (every sampler of `samplers/`, CFG, classifier guidance, SDEdit,
 inpainting, super-resolution inputs; `conditioning.py` says what a model is
-conditioned on) and `likelihood` (bits/dim; not for super-resolution or
-precomputed-text models, which need inputs a density of x alone does not have).
+conditioned on), `likelihood` (bits/dim; not for super-resolution or
+precomputed-text models, which need inputs a density of x alone does not have) and
+`denoiser` (the network on its path: a distillation teacher; not super-resolution).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from diffusion_jax import data, nets, samplers
 from diffusion_jax.diffusion import losses, paths, predictions
 from diffusion_jax.training import optim, state as state_lib
 from diffusion_jax.training.tasks import conditioning as cond_lib, latent as latent_lib
-from diffusion_jax.training.tasks.base import Generator, Likelihood, Player, Task
+from diffusion_jax.training.tasks.base import Denoiser, Generator, Likelihood, Player, Task
 
 
 def model(config, info):
@@ -42,10 +43,15 @@ def sampler_options(sample_cfg, sampler: str) -> dict:
   return options
 
 
-def make(config, info) -> Task:
+def make(config, info, *, denoiser_wrapper=None) -> Task:
   """`info` describes the batches: pictures, or a latent cache (`data.latents`). In a
   latent space (config.latent.autoencoder, or a cache) the denoiser works on the
-  scaled latents and the generator decodes to pixels (`latent.py`)."""
+  scaled latents and the generator decodes to pixels (`latent.py`).
+
+  denoiser_wrapper: denoiser -> denoiser, applied to the denoiser every sampler of the
+  generator runs on (before classifier guidance and inpainting): how a task whose
+  network is a diffusion denoiser with another output map samples through this
+  generator (a consistency model's boundary parametrisation, `consistency.py`)."""
   space = latent_lib.space(config, info)
   if space is not None and config.superres.low_res:
     raise ValueError("config.superres.low_res with a latent space (config.latent."
@@ -56,6 +62,7 @@ def make(config, info) -> Task:
   path = paths.from_config(config.diffusion)
   text = cond_lib.text_conditioner(config)
   null = cond_lib.null_label(config, info)
+  guided = bool(config.model.guidance_input)  # w is an input (guidance distillation)
   tx, sched = optim.make(config.optim, config.train.num_steps)
 
   def apply(params, x, t, y, cond, sr=None, **kw):
@@ -70,7 +77,8 @@ def make(config, info) -> Task:
     labels = jnp.zeros((1,), jnp.int32)
     params = net.init(key, x, jnp.zeros((1,)), labels,
                       cond=x if config.superres.low_res else None,
-                      **cond_lib.text_kwargs(text, example, labels, -1))["params"]
+                      **cond_lib.text_kwargs(text, example, labels, -1),
+                      **({"guidance": jnp.zeros((1,))} if guided else {}))["params"]
     return state_lib.init_state(players, params)
 
   def loss(params, batch, keys, ctx):
@@ -104,7 +112,7 @@ def make(config, info) -> Task:
     if classifier is not None:
       _check_guide(classifier[0])
     shape = tuple(info.image_shape)
-    cfg_on = bool(null and guidance)
+    cfg_on = bool(null and guidance) and not guided
 
     def sample_fn(params, cond, keys, classifier_params=None, *, frozen=None):
       labels = cond["label"]
@@ -122,12 +130,15 @@ def make(config, info) -> Task:
       def model_fn(x, t, y):
         # CFG stacks [x, x]: repeat the image conditioning to match.
         c = None if sr is None else jnp.tile(sr, (x.shape[0] // sr.shape[0], 1, 1, 1))
-        return apply(params, x, t, y, cond, c)
+        kw = {"guidance": jnp.full(x.shape[:1], guidance, jnp.float32)} if guided else {}
+        return apply(params, x, t, y, cond, c, **kw)
 
       if cfg_on:
         model_fn = samplers.guidance.classifier_free(model_fn, guidance, null)
       denoiser = samplers.make_denoiser(model_fn, path, config.diffusion.prediction, labels,
                                         clip_x0=s.clip_x0)
+      if denoiser_wrapper is not None:
+        denoiser = denoiser_wrapper(denoiser)
       if classifier is not None:
         guide, scale = classifier
         denoiser = samplers.guidance.classifier(
@@ -181,6 +192,14 @@ def make(config, info) -> Task:
     likelihood = Likelihood(model_fn=unconditional, path=path,
                             prediction=config.diffusion.prediction)
 
+  denoiser = None
+  if not config.superres.low_res:  # a super-resolution input is not a batch entry
+    denoiser = Denoiser(apply=lambda net_params, x, t, y, cond, **kw: apply(
+                            net_params, x, t, y, cond, None, **kw),
+                        network=lambda params: params, path=path,
+                        prediction=config.diffusion.prediction, null=null,
+                        shape=tuple(info.image_shape), guidance_input=guided)
+
   return Task(init=init, players=players,
               text=data.text_options(config) if config.text.encoder else None,
-              generator=generator, likelihood=likelihood)
+              generator=generator, likelihood=likelihood, denoiser=denoiser)

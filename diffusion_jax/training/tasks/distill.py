@@ -1,0 +1,182 @@
+"""What every distillation task shares: a teacher run as a frozen component, and a
+student that is a diffusion model of the same architecture.
+
+A distillation run's config is its teacher's with config.task set to the method, a
+config.distill section naming the teacher, and the method's own section; the sections
+that define the network and what it denoises (`SAME`) must equal the teacher's (checked
+when the run trains, naming every key that differs). The student then has the
+teacher's architecture, path, prediction and conditioning, is initialised from the
+teacher's parameters (config.distill.init), and samples through the diffusion task's
+generator with the run's own config.sample (e.g. 4 DDIM steps).
+
+State layout (one TrainState, `state.init_state`):
+    params      {"student": the student network, "teacher": the teacher network
+                 (frozen: no optimizer state, never updated), ...method entries}
+    ema_params  {"student": its EMA}
+The teacher's parameters live in the state, so they are sharded by the run's mesh
+rules like the student's, are an argument of the compiled step (not a constant), and
+a resumed run uses exactly the teacher it started with. A teacher may itself be a
+distillation run (progressive distillation's chain N → N/2 → …): its `Denoiser`
+capability says where its network is. The teacher is read only when the run trains;
+sampling a finished student needs neither the teacher's workdir nor its checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax import config as config_lib, runs
+from diffusion_jax.training import tasks
+from diffusion_jax.training.tasks import latent as latent_lib
+from diffusion_jax.training.tasks.base import Denoiser, Generator
+
+__all__ = ["SAME", "check_same", "cfg_prediction", "draw", "on_student", "student",
+           "teacher"]
+
+# Sections (or keys) a student shares with its teacher: the network and what it
+# denoises. model.guidance_input may differ (guidance distillation adds the w input).
+SAME = ("model", "diffusion.path", "diffusion.prediction", "diffusion.num_steps",
+        "diffusion.beta_schedule", "diffusion.beta_min", "diffusion.beta_max",
+        "diffusion.sigma_min", "diffusion.sigma_max", "diffusion.rho",
+        "diffusion.sigma_data", "data.name", "data.image_size", "text", "latent",
+        "superres.low_res")
+_MAY_DIFFER = ("model.guidance_input",) + config_lib.COMPUTE_ONLY_KEYS
+
+
+def _flat(config) -> dict:
+  out = {}
+
+  def walk(prefix, v):
+    if isinstance(v, dict):
+      for k, w in v.items():
+        walk(f"{prefix}.{k}" if prefix else k, w)
+    else:
+      out[prefix] = v
+  walk("", json.loads(config_lib.to_json(config)))
+  return out
+
+
+def check_same(config, teacher_config, teacher_workdir: str) -> None:
+  """Raises naming every key of `SAME` where the run's config differs from its
+  teacher's (config.model.guidance_input and compute-only keys may differ)."""
+  mine, theirs = _flat(config), _flat(teacher_config)
+  diffs = [f"{k}: teacher has {theirs.get(k)!r}, this run has {mine.get(k)!r}"
+           for k in sorted(set(mine) | set(theirs))
+           if any(k == s or k.startswith(s + ".") for s in SAME)
+           and k not in _MAY_DIFFER and mine.get(k) != theirs.get(k)]
+  if diffs:
+    raise ValueError(f"the student's config differs from its teacher's "
+                     f"(config.distill.teacher={teacher_workdir}) where they must agree:\n  "
+                     + "\n  ".join(diffs))
+
+
+@functools.lru_cache(maxsize=4)
+def _load(workdir: str, step, params: str):
+  """(config, info, Denoiser, numpy network parameters) of a teacher run; concrete even
+  when first asked for inside a trace (init and the step are compiled)."""
+  with jax.ensure_compile_time_eval():
+    comp = runs.load(workdir, step=step, params=params)
+    den = tasks.make(comp.config, comp.info).denoiser
+    if den is None:
+      raise ValueError(f"config.distill.teacher={workdir} is a config.task="
+                       f"{comp.config.task!r} run, which is no denoiser (a diffusion run, "
+                       "or a distillation run's student)")
+    net = jax.tree.map(np.asarray, jax.device_get(den.network(comp.params)))
+    return comp.config, comp.info, den, net
+
+
+def teacher(config):
+  """(Denoiser, numpy network parameters) of config.distill.teacher, checked against
+  the run's config (`check_same`)."""
+  d = config.distill
+  if not d.teacher:
+    raise ValueError(f"config.task={config.task!r} needs config.distill.teacher (the "
+                     "workdir of a trained diffusion run)")
+  t_config, _, den, net = _load(d.teacher, d.teacher_step, d.teacher_params)
+  check_same(config, t_config, d.teacher)
+  return den, net
+
+
+def student(config, info, **kw):
+  """The diffusion Task of the run's own config: the student's network (its `denoiser`
+  capability), its generator and its initialiser. kw: `diffusion.make`'s."""
+  from diffusion_jax.training.tasks import diffusion  # a sibling task, made on demand
+  base = diffusion.make(config, info, **kw)
+  if base.denoiser is None:
+    raise ValueError("distillation of super-resolution models is not supported "
+                     "(config.superres.low_res)")
+  return base
+
+
+def init_params(config, base, key):
+  """The student's initial network parameters: the teacher's (config.distill.init =
+  'teacher') or the diffusion task's random initialisation ('random')."""
+  fresh = base.init(key).params
+  if config.distill.init == "random":
+    return fresh
+  _, net = teacher(config)
+  shapes = jax.tree.map(jnp.shape, fresh)
+  if jax.tree.structure(shapes) != jax.tree.structure(jax.tree.map(np.shape, net)) or \
+      jax.tree.leaves(shapes) != jax.tree.leaves(jax.tree.map(np.shape, net)):
+    raise ValueError("the teacher's parameters do not fit the student's network "
+                     "(config.model.guidance_input adds parameters: use "
+                     "config.distill.init='random' or `guidance_distillation`, which "
+                     "initialises the new ones)")
+  return jax.tree.map(jnp.asarray, net)
+
+
+def draw(config, info):
+  """fn(batch, keys) -> x₀ [B, *shape]: the clean examples the student learns on (the
+  batch's pictures; a latent space's scaled latents, `latent.LatentSpace.draw`)."""
+  space = latent_lib.space(config, info)
+  if space is None:
+    return lambda batch, keys: batch["image"]
+  return space.draw
+
+
+def cfg_prediction(den: Denoiser, net, x, t, labels, cond, guidance, **kw):
+  """The prediction of `den` with classifier-free guidance weight w (scalar or [B]):
+  (1 + w)·f(y) − w·f(∅) (Ho & Salimans 2022) in one batched call of [x; x], or the
+  network's own w input for a guidance-distilled (`guidance_input`) denoiser; w = 0
+  or an unconditional model: one call."""
+  B = x.shape[0]
+  w = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (B,))
+  if den.guidance_input:
+    return den.apply(net, x, t, labels, cond, guidance=w, **kw)
+  if not den.null:
+    return den.apply(net, x, t, labels, cond, **kw)
+  # cond's text entries [B] are tiled to the stacked batch by the network's caller.
+  both = den.apply(net, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                   jnp.concatenate([labels, jnp.full_like(labels, den.null)]), cond, **kw)
+  c, u = both[:B], both[B:]
+  w = w.reshape((B,) + (1,) * (x.ndim - 1))
+  return (1.0 + w) * c - w * u
+
+
+def on_student(base):
+  """The student run's capabilities from its diffusion Task `base`: the generator and
+  the denoiser over params["student"] (EMA or raw trees both hold that entry)."""
+  gen = base.generator
+
+  def sample(**kw):
+    fn = gen.sample(**kw)
+    return lambda params, *a, **k: fn(params["student"], *a, **k)
+
+  generator = dataclasses.replace(gen, sample=sample)
+  denoiser = dataclasses.replace(base.denoiser, network=lambda params: params["student"])
+  return generator, denoiser
+
+
+def teacher_guidance(config) -> float:
+  """The CFG weight of the teacher's targets: config.distill.guidance, else the
+  teacher's own config.sample.guidance."""
+  if config.distill.guidance is not None:
+    return float(config.distill.guidance)
+  t_config = _load(config.distill.teacher, config.distill.teacher_step,
+                   config.distill.teacher_params)[0]
+  return float(t_config.sample.guidance)
