@@ -166,11 +166,28 @@ def inception_features(weights: str, info, mesh, stats_dir: str) -> FeatureNet:
                     class_logits=True)
 
 
+def _pixel_image(params, images):
+  """The flattened pixels [B, H·W·C] as features (no logits: a [B, 1] placeholder)."""
+  del params
+  flat = images.reshape(images.shape[0], -1)
+  return jax.numpy.zeros((images.shape[0], 1), flat.dtype), flat
+
+
+def pixel_features(info, stats_dir: str) -> FeatureNet:
+  """The raw pixels as a feature space ('pixels'): a Fréchet distance that sees every
+  pixel's mean and covariance, for images small enough that D = H·W·C stays well below
+  the number of samples (8×8 digits: D = 64). Unlike a trained classifier's pooled
+  features, whose within-class spread collapses, it registers a loss of diversity."""
+  if not info.is_image:
+    raise ValueError(f"config.eval.pixel_features: the model makes {info.kind}, not images")
+  return FeatureNet("pixels", _pixel_image, {}, os.path.join(stats_dir, "pixels"), "pixels")
+
+
 def feature_networks(config, info, workdir: str, mesh, metrics) -> tuple[FeatureNet, ...]:
   """The feature networks config.eval names: feature_workdir ('domain'), clip_workdir
-  (default config.text.clip_workdir; 'clip', when clip_score is asked for) and
+  (default config.text.clip_workdir; 'clip', when clip_score is asked for),
   inception_weights ('inception'; reference stats in config.eval.ref_stats_dir, default
-  `<workdir>/eval/ref_stats/`)."""
+  `<workdir>/eval/ref_stats/`) and pixel_features ('pixels', stats in the same place)."""
   e, nets = config.eval, []
   if e.feature_workdir:
     nets.append(run_features("domain", "config.eval.feature_workdir", e.feature_workdir,
@@ -186,6 +203,9 @@ def feature_networks(config, info, workdir: str, mesh, metrics) -> tuple[Feature
   if e.inception_weights:
     nets.append(inception_features(e.inception_weights, info, mesh,
                                    e.ref_stats_dir or os.path.join(workdir, "eval", "ref_stats")))
+  if e.pixel_features:
+    nets.append(pixel_features(info, e.ref_stats_dir or os.path.join(workdir, "eval",
+                                                                     "ref_stats")))
   return tuple(nets)
 
 
