@@ -4,10 +4,12 @@ import inspect
 
 import jax
 import numpy as np
+import pytest
 from ml_collections import ConfigDict
 
 from conftest import tiny_config
 from diffusion_jax import config as config_lib, data, samplers
+from diffusion_jax.diffusion import paths
 from diffusion_jax.training import tasks
 from diffusion_jax.training.tasks import diffusion
 
@@ -15,7 +17,7 @@ from diffusion_jax.training.tasks import diffusion
 def test_every_option_section_names_a_sampler_and_its_arguments():
   s = config_lib.base().sample
   sections = {k: v for k, v in s.items() if isinstance(v, ConfigDict)}
-  assert set(sections) == {"ddim", "ddpm", "pc", "edm"}
+  assert set(sections) == {"ddim", "ddpm", "pc", "edm", "unipc", "ipndm"}
   for name, options in sections.items():
     params = inspect.signature(samplers.get(name)).parameters
     assert set(options) <= set(params), (name, sorted(options), sorted(params))
@@ -23,6 +25,29 @@ def test_every_option_section_names_a_sampler_and_its_arguments():
   assert diffusion.sampler_options(s, "euler") == {}
   s.spacing = "karras"
   assert diffusion.sampler_options(s, "heun") == {"spacing": "karras"}
+
+
+def test_explicit_times_override_the_spacing_and_parse_from_the_command_line():
+  """--config.sample.times='(1.0,0.6,0.3,0.0)' reaches the sampler as spacing=<times>; a
+  num_steps that disagrees with it is an error naming both keys."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["prog", "--config.sample.times=(1.0,0.6,0.3,0.0)", "--config.sample.num_steps=3",
+          "--config.sample.spacing=karras"]
+  fv = flags.FlagValues()  # overrides are read from sys_argv (sys.argv by default)
+  config_flags.DEFINE_config_dict("config", config_lib.base(), flag_values=fv, sys_argv=argv)
+  fv(argv)
+  s = fv.config.sample
+  assert s.times == (1.0, 0.6, 0.3, 0.0)
+  assert diffusion.sampler_options(s, "unipc") == {"order": 3, "variant": "bh2",
+                                                   "spacing": (1.0, 0.6, 0.3, 0.0)}
+  s.num_steps = 5
+  with pytest.raises(ValueError, match=r"config\.sample\.times.*config\.sample\.num_steps"):
+    diffusion.sampler_options(s, "euler")
+  # The grid itself is checked when the sampler is built (here against the path).
+  path = paths.from_config(config_lib.base().diffusion)
+  np.testing.assert_allclose(samplers.spacing.grid(path, 3, (1.0, 0.6, 0.3, 0.0)),
+                             [1.0, 0.6, 0.3, 0.0])
 
 
 def test_an_option_changes_the_samples(data_dir):
