@@ -54,14 +54,16 @@ def dtype(name: str, key: str = "model.dtype") -> DTypeLike:
 
 
 def build_denoiser(model_cfg: ConfigDict, out_channels: int, num_classes: int) -> nn.Module:
-  """config.model → a denoiser network (x, t, labels, train=) -> prediction."""
+  """config.model → a denoiser network (x, t, labels, train=) -> prediction; with
+  model.guidance_input also the keyword guidance=w [B] (guidance distillation)."""
   if model_cfg.name == "unet":
     return UNet(out_channels=out_channels, channels=model_cfg.channels,
                 channel_mult=tuple(model_cfg.channel_mult),
                 num_res_blocks=model_cfg.num_res_blocks,
                 attn_resolutions=tuple(model_cfg.attn_resolutions),
                 num_heads=model_cfg.num_heads, dropout=model_cfg.dropout,
-                num_classes=num_classes, **unet_options(model_cfg))
+                num_classes=num_classes, guidance_input=model_cfg.guidance_input,
+                **unet_options(model_cfg))
   if model_cfg.name == "dit":
     return build_dit(model_cfg, out_channels, num_classes)
   raise ValueError(f"model.name={model_cfg.name!r}: expected one of ['unet', 'dit']")
@@ -80,8 +82,9 @@ def build_dit(model_cfg: ConfigDict, out_channels: int, num_classes: int) -> dit
   return dit.DiT(out_channels=out_channels, mlp_ratio=model_cfg.mlp_ratio,
                  num_classes=num_classes, text_attention=model_cfg.text_attention,
                  scan=model_cfg.scan, remat=model_cfg.remat,
-                 attention_impl=model_cfg.attention_impl, dtype=dtype(model_cfg.dtype),
-                 param_dtype=dtype(model_cfg.param_dtype), **dit_size(model_cfg))
+                 attention_impl=model_cfg.attention_impl, guidance_input=model_cfg.guidance_input,
+                 dtype=dtype(model_cfg.dtype), param_dtype=dtype(model_cfg.param_dtype),
+                 **dit_size(model_cfg))
 
 
 def build_classifier(model_cfg: ConfigDict, num_classes: int) -> Classifier:

@@ -5,6 +5,8 @@ x [B, H, W, C], t [B] ∈ [0, 1], labels [B] → prediction [B, H, W, out_channe
 
   tokens  = patchify(x) (a p×p stride-p conv) + fixed 2-D sin-cos position embedding
   c       = MLP(sinusoid_256(1000·t)) + Embed(label) (+ MLP(text_pooled))
+            (+ MLP₀(sinusoid_256(1000·w)): `guidance_input`, Meng et al. 2023 §4.1,
+             the guidance weight w [B] as the keyword `guidance`; last layer zero-init)
   block   : x += gate₁ · Attn(LN(x)(1 + scale₁) + shift₁)
             [x += CrossAttn(LN(x), text)]                                (cross)
             x += gate₂ · MLP(LN(x)(1 + scale₂) + shift₂)
@@ -30,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.nets.layers import Attention, Mlp, maybe_remat, timestep_embedding
+from diffusion_jax.nets.layers import (Attention, Mlp, add_guidance, maybe_remat,
+                                       timestep_embedding)
 
 VARIANTS = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 
@@ -140,12 +143,13 @@ class DiT(nn.Module):
   scan: bool = False
   remat: str = ""
   attention_impl: str | None = None
+  guidance_input: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, t, labels=None, *, cond=None, text=None, text_mask=None,
-               text_pooled=None, train: bool = False):
+               text_pooled=None, guidance=None, train: bool = False):
     del train  # DiT has no dropout; label dropout (CFG) happens in the loss.
     B, H, W, _ = x.shape
     p, D = self.patch_size, self.hidden_size
@@ -167,6 +171,7 @@ class DiT(nn.Module):
     c = timestep_embedding(t, 256)
     c = nn.Dense(D, kernel_init=std02, name="t_embedder_1", **kw)(c)
     c = nn.Dense(D, kernel_init=std02, name="t_embedder_2", **kw)(nn.silu(c))
+    c = add_guidance(c, guidance, self.guidance_input, 256, "DiT", **kw)
     if self.num_classes:
       if labels is None:
         raise ValueError("this DiT is class-conditional (num_classes > 0): pass labels")

@@ -24,6 +24,46 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0, scale: float = 
   return emb
 
 
+class GuidanceEmbedding(nn.Module):
+  """The guidance weight w [B] → [B, features]: sinusoidal features of w (the
+  timestep's, `timestep_embedding(w, sinusoid_dim)`), Dense → SiLU → Dense, the last
+  layer zero-initialised — the w input of a guidance-distilled student (Meng et al.
+  2023, "On Distillation of Guided Diffusion Models", §4.1: w embedded like t and added
+  to the time embedding). Zero at initialisation, so a network given this input starts
+  exactly as the network without it."""
+  features: int
+  sinusoid_dim: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, w):
+    if w.ndim != 1:
+      raise ValueError(f"guidance must be the per-example weight w [B], got shape {w.shape}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = nn.Dense(self.features, name="fc1", **kw)(timestep_embedding(w, self.sinusoid_dim))
+    return nn.Dense(self.features, kernel_init=nn.initializers.zeros, name="fc2", **kw)(
+        nn.silu(h))
+
+
+def add_guidance(emb, guidance, guidance_input: bool, sinusoid_dim: int, what: str, **kw):
+  """emb [B, E] + GuidanceEmbedding(w) when the network has a guidance input (inside a
+  compact module: the submodule is named `guidance_embedder`); emb itself, untouched,
+  when it has none. Raises naming model.guidance_input when the keyword `guidance` and
+  the switch disagree."""
+  if not guidance_input:
+    if guidance is not None:
+      raise ValueError(f"this {what} has no guidance input (model.guidance_input=False): "
+                       "do not pass guidance=")
+    return emb
+  if guidance is None:
+    raise ValueError(f"this {what} takes the guidance weight as an input "
+                     "(model.guidance_input=True): pass guidance=w [B]")
+  w = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), emb.shape[:1])
+  return emb + GuidanceEmbedding(emb.shape[-1], sinusoid_dim, name="guidance_embedder",
+                                 **kw)(w).astype(emb.dtype)
+
+
 class SelfAttention2D(nn.Module):
   """Multi-head self-attention over the H·W positions of x [B, H, W, C] (pre-norm,
   residual, zero-initialised output projection). Uses jax.nn.dot_product_attention,

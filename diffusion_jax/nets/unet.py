@@ -25,6 +25,12 @@ self-attention followed by cross-attention of the image tokens to the text token
 the embedding through a Dense layer. These layers exist only when the inputs are
 given, so a model built without text has exactly the parameters it always had.
 
+Guidance input (`guidance_input=True`, a guidance-distilled student; Meng et al. 2023
+§4.1): the keyword `guidance` w [B] is embedded like t (sinusoidal features, an MLP
+whose last layer is zero-initialised, `layers.GuidanceEmbedding`) and added to the
+time embedding; without the switch the network has no such parameters and refuses the
+keyword.
+
 Classes 0..num_classes−1 are real; index num_classes is the null class used for
 classifier-free guidance. The output convolution (and every residual branch's last
 layer) is zero-initialised, so a fresh model predicts exactly 0.
@@ -37,8 +43,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from diffusion_jax.nets.layers import (Attention, SelfAttention2D, _groups, maybe_remat,
-                                       timestep_embedding)
+from diffusion_jax.nets.layers import (Attention, SelfAttention2D, _groups, add_guidance,
+                                       maybe_remat, timestep_embedding)
 
 
 def attention_heads(channels: int, num_heads: int, num_head_channels: int) -> int:
@@ -146,16 +152,18 @@ class UNet(nn.Module):
   resblock_updown: bool = False
   remat: str = ""
   attention_impl: str | None = None
+  guidance_input: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, t, labels=None, *, cond=None, text=None, text_mask=None,
-               text_pooled=None, train: bool = False):
+               text_pooled=None, guidance=None, train: bool = False):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     emb_dim = 4 * self.channels
     emb = timestep_embedding(t, self.channels)
     emb = nn.Dense(emb_dim, **kw)(nn.silu(nn.Dense(emb_dim, **kw)(emb)))
+    emb = add_guidance(emb, guidance, self.guidance_input, self.channels, "UNet", **kw)
     if self.num_classes:
       if labels is None:
         raise ValueError("this UNet is class-conditional (num_classes > 0): pass labels")

@@ -192,3 +192,31 @@ def test_bad_variant_and_patch_are_named():
   net = _tiny(patch_size=3)
   with pytest.raises(ValueError, match="patch_size=3"):
     _init(net, _inputs())
+
+
+def test_guidance_input_adds_only_a_zero_initialised_w_embedding():
+  """model.guidance_input: w [B] → sinusoid_256 → MLP (last layer zero) added to c. The
+  other parameters are the plain DiT's (names and initial values); with them, the
+  output is exactly the plain DiT's for every w until the embedding moves."""
+  inputs = _inputs()
+  plain, guided = _tiny(), _tiny(guidance_input=True)
+  params = _init(plain, inputs)
+  gparams = _init(guided, dict(inputs, guidance=jnp.zeros(2)))
+  assert set(gparams) - set(params) == {"guidance_embedder"}
+  assert jax.tree.map(jnp.shape, gparams["guidance_embedder"]) == {
+      "fc1": {"kernel": (256, 32), "bias": (32,)}, "fc2": {"kernel": (32, 32), "bias": (32,)}}
+  for k in params:
+    jax.tree.map(np.testing.assert_array_equal, params[k], gparams[k])
+  teacher = _randomise(params)
+  student = {**teacher, "guidance_embedder": gparams["guidance_embedder"]}
+  ref = _apply(plain)(teacher, inputs)
+  for w in (0.0, 1.5, 4.0):
+    np.testing.assert_array_equal(
+        _apply(guided)(student, dict(inputs, guidance=jnp.full(2, w))), ref)
+  moved = _randomise(student, jax.random.key(8))
+  f = lambda w: _apply(guided)(moved, dict(inputs, guidance=jnp.full(2, w)))
+  assert not np.allclose(f(0.0), f(2.0))
+  with pytest.raises(ValueError, match="guidance_input=True"):
+    _apply(guided)(student, inputs)
+  with pytest.raises(ValueError, match="guidance_input=False"):
+    _apply(plain)(teacher, dict(inputs, guidance=jnp.zeros(2)))

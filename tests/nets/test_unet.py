@@ -294,3 +294,43 @@ def test_timestep_embedding_is_sinusoidal():
   np.testing.assert_allclose(emb[1], np.concatenate([np.cos(250 * freqs), np.sin(250 * freqs)]),
                              rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(emb[0], [1, 1, 1, 1, 0, 0, 0, 0])
+
+
+def test_guidance_input_adds_only_a_zero_initialised_w_embedding():
+  """model.guidance_input (Meng et al. 2023 §4.1): w [B] embedded like t and added to
+  the time embedding. The other parameters are those of the plain model (the same
+  names, shapes and initial values: flax draws each from its module's path); the
+  embedding's last layer is zero, so with the plain model's (perturbed) parameters the
+  output is exactly the plain model's for every w; once it is not zero, w matters."""
+  plain, guided = _net(), _net(guidance_input=True)
+  params = _fresh_params()[0]
+  gparams = _init(guided)(jax.random.key(1), X, T, Y, guidance=jnp.zeros(2))["params"]
+  extra = set(gparams) - set(params["params"])
+  assert extra == {"guidance_embedder"}
+  assert _names(gparams["guidance_embedder"]) == {
+      "['fc1']['kernel']": (16, 64), "['fc1']['bias']": (64,),
+      "['fc2']['kernel']": (64, 64), "['fc2']['bias']": (64,)}
+  for k in params["params"]:
+    jax.tree.map(np.testing.assert_array_equal, params["params"][k], gparams[k])
+  teacher = _perturbed(params)
+  student = {"params": {**teacher["params"], "guidance_embedder": gparams["guidance_embedder"]}}
+  ref = _apply(plain)(teacher, X, T, Y)
+  for w in (0.0, 1.0, 3.7):
+    np.testing.assert_array_equal(_apply(guided)(student, X, T, Y, guidance=jnp.full(2, w)), ref)
+  moved = _perturbed(student, seed=3)
+  f = lambda w: _apply(guided)(moved, X, T, Y, guidance=jnp.full(2, w))
+  assert not np.allclose(f(0.0), f(2.0))
+  with pytest.raises(ValueError, match="guidance_input=True"):
+    jax.eval_shape(guided.apply, student, X, T, Y)
+  with pytest.raises(ValueError, match="guidance_input=False"):
+    jax.eval_shape(plain.apply, teacher, X, T, Y, guidance=jnp.zeros(2))
+
+
+def test_build_denoiser_passes_guidance_input():
+  c = base()
+  assert not nets.build_denoiser(c.model, 1, 10).guidance_input
+  c.model.guidance_input = True
+  assert nets.build_denoiser(c.model, 1, 10).guidance_input
+  c.model.name = "dit"
+  c.model.update(hidden_size=32, depth=1, num_heads=2, patch_size=2)
+  assert nets.build_denoiser(c.model, 1, 10).guidance_input

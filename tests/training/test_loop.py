@@ -144,6 +144,8 @@ def _load_config(path):
 # (The mnist5k ones share the quickstart's code paths; super-resolution also has its
 # own command-line test in tests/test_cli.py.)
 _SLOW_CONFIGS = {"cifar10_ddpm.py",      # 35.7M parameters: ~37 s
+                 # the distillation recipes for accelerators (teacher + student: ~2×)
+                 "cifar10_consistency.py", "mnist5k_progressive.py",
                  "mnist5k_flow.py", "mnist5k_superres.py",  # 3-level 32-ch U-Nets: ~20 s each
                  "gan_mnist5k.py", "gan_mnist5k_cond.py",  # ~16 s each; gan_digits covers the code
                  # the tasks' own digits tests cover these paths (autoencoder, vae, latent)
@@ -152,7 +154,16 @@ _SLOW_CONFIGS = {"cifar10_ddpm.py",      # 35.7M parameters: ~37 s
 # test_text_to_image.py trains one and runs it through the command line.
 # The latent recipes need a latent cache / clip run: tests/test_latent_recipes.py runs
 # each for one step through the command line at a tiny size.
-_OWN_TESTS = {"digits_t2i.py", "imagenet256_dit_xl2.py", "mnist5k_latent_t2i.py"}
+_OWN_TESTS = {"digits_t2i.py", "imagenet256_dit_xl2.py", "mnist5k_latent_t2i.py",
+              # stage two of guidance distillation: its teacher is a stage-one run
+              # (tests/training/test_guidance_distillation.py trains both)
+              "digits_guided_progressive.py",
+              # full-size teacher + student exceed the CI machine's memory; the
+              # recipes' own tests run them shrunk (tests/test_configs.py,
+              # tests/training/test_adversarial_distillation.py)
+              "imagenet64_guidance_distillation.py", "imagenet256_adversarial_distillation.py"}
+_DISTILLATION = ("progressive", "guidance_distillation", "consistency",
+                 "adversarial_distillation")
 # Trained by their own default tests, which hold this test's invariant for them: the
 # config's own model through diffusion-jax-train, checkpointed, no sample grid
 # (tests/training/test_clip_task.py::test_train_cli_then_held_out_retrieval, 150 steps).
@@ -179,12 +190,20 @@ def test_every_config_trains_one_step_and_samples(path, data_dir, tmp_path):
   except ValueError:
     name = "sklearn_digits"
   extra = ["--config.superres.low_res=4"] if name != c.data.name and c.superres.low_res else []
-  run_train_in_process([f"--config={path}", f"--workdir={tmp_path}", *extra,
-                        f"--config.data.name={name}", f"--config.data.data_dir={data_dir}",
-                        "--config.data.batch_size=8", "--config.data.num_threads=0",
-                        "--config.train.num_steps=1", "--config.train.checkpoint_every=1",
-                        "--config.train.log_every=1", "--config.sample.num_steps=2",
-                        "--config.sample.per_class=1"])
+  common = [f"--config.data.name={name}", f"--config.data.data_dir={data_dir}",
+            "--config.data.batch_size=8", "--config.data.num_threads=0",
+            "--config.train.num_steps=1", "--config.train.checkpoint_every=1",
+            "--config.train.log_every=1", "--config.sample.num_steps=2",
+            "--config.sample.per_class=1"]
+  if c.distill.teacher or c.task in _DISTILLATION and not (
+      c.task == "consistency" and c.consistency.mode == "training"):
+    # A distillation student: its teacher is the same config's network trained as a
+    # diffusion run (one step), as the config's docstring command does with a real one.
+    run_train_in_process([f"--config={path}", f"--workdir={tmp_path / 'teacher'}",
+                          "--config.task=diffusion", "--config.model.guidance_input=False",
+                          "--config.sample.per_class=0", *extra, *common])
+    extra.append(f"--config.distill.teacher={tmp_path / 'teacher'}")
+  run_train_in_process([f"--config={path}", f"--workdir={tmp_path}", *extra, *common])
   assert os.listdir(tmp_path / "checkpoints") == ["1"]
   if c.task in ("classifier", "clip", "autoencoder") or name == "ring8":  # no sampler; points
     assert not os.path.exists(tmp_path / "samples")
