@@ -1,6 +1,6 @@
 """Progressive distillation of the quickstart model (Salimans & Ho 2022): a student that
 does in one DDIM step what the quickstart run does in two, with its CFG weight w = 1
-baked in. One round of the chain 16 → 8 → 4 → 2 → 1 (`launch/progressive.py` runs all):
+baked in (the teacher's sample.guidance). One round of the chain 16 → 8 → 4 → 2 → 1 (`launch/progressive.py` runs all):
 
   diffusion-jax-train --config=configs/digits_progressive.py --workdir=/tmp/pd16 \
       --config.distill.teacher=/tmp/quickstart --config.sample.num_steps=16
@@ -14,7 +14,8 @@ def get_config():
   common.digits_unet(c)
   common.rectified_flow(c, sample_steps=16, guidance=0.0)  # w baked in: no CFG at sampling
   c.task = "progressive"
-  c.distill.guidance = 1.0                # the teacher's CFG weight (the quickstart's)
+  # distill.guidance None: the teacher's own sample.guidance (the quickstart's w = 1 for
+  # the first round; each student samples with w = 0 and passes that on)
   c.progressive.weighting = "truncated_snr"
   c.sample.sampler = "ddim"
   c.diffusion.label_dropout = 0.0         # a guided (w baked in) student is conditional only

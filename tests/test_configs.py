@@ -150,3 +150,54 @@ def test_saved_configs_with_renamed_keys_still_read():
   c = config_lib.from_json(json.dumps(saved))
   assert (c.sample.ddim.eta, c.sample.ddpm.variance, c.sample.pc.snr,
           c.sample.pc.corrector_steps, c.sample.edm.s_churn) == (0.5, "large", 0.2, 3, 10.0)
+
+
+# configs/imagenet64_guidance_distillation.py needs a teacher run: one step of it at a
+# tiny size, its teacher trained by the same config as a plain diffusion run (the
+# recipe's own teacher command), on the embedded digits. (At full size, teacher and
+# student hold 296M-parameter U-Nets twice over and do not fit a 23 GiB CPU machine.)
+_IN64 = os.path.join(ROOT, "configs", "imagenet64_guidance_distillation.py")
+_IN64_TINY = ["--config.data.name=sklearn_digits", "--config.data.image_size=0",
+              "--config.data.batch_size=8", "--config.data.num_threads=0",
+              "--config.model.channels=8", "--config.model.num_res_blocks=1",
+              "--config.model.num_head_channels=8", "--config.train.num_steps=1",
+              "--config.train.checkpoint_every=1", "--config.train.log_every=1",
+              "--config.sample.num_steps=2"]
+
+
+def test_imagenet64_guidance_distillation_recipe_is_adms_unet_with_a_w_input():
+  """The recipe at full size abstractly: ADM's ImageNet-64 U-Net (≈ 296M parameters)
+  plus the w embedding, on the cosine VP path with v-prediction, w ∈ [0, 4]."""
+  import jax
+  import jax.numpy as jnp
+  from diffusion_jax import nets
+  c = importlib.import_module("diffusion_jax_configs.imagenet64_guidance_distillation").get_config()
+  config_lib.validate(c)
+  assert (c.task, c.model.guidance_input, c.guidance_distillation.w_min,
+          c.guidance_distillation.w_max, c.diffusion.path, c.diffusion.prediction) == (
+              "guidance_distillation", True, 0.0, 4.0, "vp_cosine", "v")
+  net = nets.build_denoiser(c.model, out_channels=3, num_classes=1000)
+  x = jnp.zeros((1, 64, 64, 3))
+  params = jax.eval_shape(lambda: net.init(jax.random.key(0), x, jnp.zeros(1),
+                                           jnp.zeros(1, jnp.int32), guidance=jnp.zeros(1)))
+  n = sum(s.size for s in jax.tree.leaves(params))
+  w_emb = sum(s.size for s in jax.tree.leaves(params["params"]["guidance_embedder"]))
+  assert 290e6 < n - w_emb < 300e6 and w_emb == 192 * 768 + 768 * 768 + 2 * 768
+
+
+@pytest.mark.slow  # two runs of the 4-level bf16 U-Net: ~70 s of CPU cold, ~30 s warm
+def test_imagenet64_guidance_distillation_recipe_trains_one_step(data_dir, tmp_path):
+  """One step of the recipe's teacher (--config.task=diffusion
+  --config.model.guidance_input=False, as its docstring trains it) and of the student
+  through diffusion-jax-train, shrunk only in width, depth and batch: the recipe's
+  4-level BigGAN-resampling U-Net, cosine VP path, v-prediction, bf16 and w range stay."""
+  from conftest import run_train_in_process
+  teacher, student = tmp_path / "teacher", tmp_path / "student"
+  tiny = [f"--config.data.data_dir={data_dir}", *_IN64_TINY]
+  run_train_in_process([f"--config={_IN64}", f"--workdir={teacher}", *tiny,
+                        "--config.task=diffusion", "--config.model.guidance_input=False",
+                        "--config.sample.per_class=0"])
+  run_train_in_process([f"--config={_IN64}", f"--workdir={student}", *tiny,
+                        f"--config.distill.teacher={teacher}", "--config.sample.per_class=1"])
+  assert os.listdir(student / "checkpoints") == ["1"]
+  assert os.listdir(student / "samples") == ["step_0000001.png"]

@@ -48,6 +48,7 @@ def evaluated(runs):
   proc = run_cli("evaluate", [
       f"--workdir={runs / 'model'}", f"--config.eval.feature_workdir={runs / 'cls'}",
       "--config.eval.metrics=fd,kid,pr,acc,is,bpd_vlb,bpd_ode",
+      "--config.eval.pixel_features=True",
       "--config.eval.num_samples=40", "--config.eval.batch_size=16",
       f"--config.eval.likelihood_images={LIKELIHOOD['images']}",
       f"--config.eval.likelihood_steps={LIKELIHOOD['steps']}"])
@@ -85,6 +86,20 @@ def test_evaluate_command(runs, evaluated):
     eval_run.evaluate(model, overrides={"eval.metrics": ("fd", "bogus")})
   bad = run_cli("evaluate", [f"--workdir={model}", "--config.model.channels=4"], check=False)
   assert bad.returncode != 0 and "config.model.channels" in bad.stderr
+
+
+def test_pixel_features_floor_is_the_frechet_distance_of_the_splits(evaluated, data_dir):
+  """fd_pixels_floor (train vs test, eval.pixel_features) equals the Fréchet distance of
+  the two splits' flattened pixels computed here with numpy moments."""
+  _, results = evaluated
+  moments = []
+  for split in ("train", "test"):
+    x, _ = data.load_arrays("sklearn_digits", split, data_dir)
+    flat = np.asarray(x, np.float64).reshape(len(x), -1)
+    moments += [flat.mean(0), np.cov(flat, rowvar=False)]
+  np.testing.assert_allclose(results["fd_pixels_floor"],
+                             metrics_lib.frechet_distance(*moments), rtol=1e-4)
+  assert np.isfinite(results["fd_pixels"]) and results["fd_pixels"] > 0
 
 
 def test_bits_per_dim_are_the_likelihood_module_s(runs, evaluated, data_dir):

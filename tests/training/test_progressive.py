@@ -129,26 +129,45 @@ def _student(data_dir, teacher, **overrides):
       **overrides})
 
 
-def _state(state):
-  return jax.device_get((state.params, state.ema_params, state.opt_state))
+CONFIG = os.path.join(ROOT, "configs", "digits_progressive.py")
 
 
-def test_resume_is_exact_and_the_teacher_is_frozen(data_dir, tiny_teacher, tmp_path):
-  c = _student(data_dir, tiny_teacher)
-  whole = loop.train(c, str(tmp_path / "whole"))
-  loop.train(_student(data_dir, tiny_teacher, **{"train.num_steps": 2}), str(tmp_path / "r"))
-  resumed = loop.train(c, str(tmp_path / "r"))
-  assert_trees_equal(_state(resumed), _state(whole))
-  params, ema, opt = _state(whole)
-  assert set(params) == {"student", "teacher"} and set(ema) == set(opt) == {"student"}
+def _train(data_dir, teacher, workdir, num_steps):
+  """configs/digits_progressive.py (2 student steps) with the tiny model, through
+  diffusion-jax-train's entry point (in this process, 1 device)."""
+  run_train_in_process([f"--config={CONFIG}", f"--workdir={workdir}",
+                        f"--config.data.data_dir={data_dir}", *TINY_FLAGS,
+                        f"--config.distill.teacher={teacher}", "--config.sample.num_steps=2",
+                        f"--config.train.num_steps={num_steps}",
+                        "--config.train.checkpoint_every=2"])
+
+
+def test_trains_resumes_exactly_and_samples_through_the_command_line(data_dir, tiny_teacher,
+                                                                     tmp_path):
+  """4 steps in one go == 2 + a resumed 2, bitwise (student, EMA, optimizer state); the
+  teacher is in the state and never changes; the student samples with
+  `diffusion-jax-sample` (a separate process that reads no teacher)."""
+  from conftest import load_state
   from diffusion_jax import runs
-  teacher = runs.load(tiny_teacher).params
-  assert_trees_equal(params["teacher"], teacher)          # never updated
-  moved = [not np.array_equal(x, y) for x, y in
-           zip(jax.tree.leaves(params["student"]), jax.tree.leaves(teacher))]
-  assert any(moved)                                        # started from it, then trained
+  whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+  _train(data_dir, tiny_teacher, whole, 4)
+  _train(data_dir, tiny_teacher, resumed, 2)
+  _train(data_dir, tiny_teacher, resumed, 4)
+  raw, ema = load_state(whole)
+  assert_trees_equal((raw, ema), load_state(resumed))
+  assert set(raw) == {"student", "teacher"} and set(ema) == {"student"}
+  teacher = jax.device_get(runs.load(tiny_teacher).params)
+  assert_trees_equal(raw["teacher"], teacher)              # never updated
+  assert any(not np.array_equal(x, y) for x, y in
+             zip(jax.tree.leaves(raw["student"]), jax.tree.leaves(teacher)))
+  assert os.listdir(whole / "samples") == ["step_0000004.png"]
+  out = str(tmp_path / "s.npz")
+  run_cli("sample", [f"--workdir={whole}", f"--output={out}", "--num_samples=10"])
+  images = np.load(out)["images"]
+  assert images.shape == (10, 8, 8, 1)
 
 
+@pytest.mark.slow  # two rounds and a sample, three processes (~40 s)
 def test_chain_trains_and_samples_through_the_command_line(data_dir, tiny_teacher, tmp_path):
   """launch/progressive.py: rounds 2 → 1 steps, the second round's teacher the first's
   student; the 1-step student samples with `diffusion-jax-sample`."""
@@ -156,8 +175,7 @@ def test_chain_trains_and_samples_through_the_command_line(data_dir, tiny_teache
   from conftest import cli_env
   chain = str(tmp_path / "chain")
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "launch", "progressive.py"),
-       f"--config={os.path.join(ROOT, 'configs', 'digits_progressive.py')}",
+      [sys.executable, os.path.join(ROOT, "launch", "progressive.py"), f"--config={CONFIG}",
        f"--teacher={tiny_teacher}", f"--workdir={chain}", "--start_steps=2", "--end_steps=1",
        f"--config.data.data_dir={data_dir}", *TINY_FLAGS[:-4], "--config.sample.per_class=1",
        "--config.train.num_steps=2", "--config.train.log_every=1"],

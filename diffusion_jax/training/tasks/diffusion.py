@@ -34,11 +34,19 @@ def _scaled(path, config, x, t):
 
 def sampler_options(sample_cfg, sampler: str) -> dict:
   """Keyword arguments of `samplers.<sampler>` from config.sample: its own section
-  (config.sample.<sampler>, e.g. sample.ddim.eta) and the time spacing when set (else
-  each sampler's default: uniform; karras for edm)."""
+  (config.sample.<sampler>, e.g. sample.ddim.eta) and the time grid: config.sample.times
+  (an explicit t_0 > ... > t_N, which must have num_steps + 1 entries) when set, else the
+  spacing when set (else each sampler's default: uniform; karras for edm)."""
   own = sample_cfg.get(sampler)
   options = dict(own) if isinstance(own, ConfigDict) else {}
-  if sample_cfg.spacing is not None:
+  times = sample_cfg.get("times")
+  if times is not None:
+    if len(times) != sample_cfg.num_steps + 1:
+      raise ValueError(f"config.sample.times has {len(times)} times ({len(times) - 1} steps) "
+                       f"but config.sample.num_steps={sample_cfg.num_steps}: set "
+                       f"config.sample.num_steps={len(times) - 1} (len(times) − 1)")
+    options["spacing"] = tuple(float(t) for t in times)
+  elif sample_cfg.spacing is not None:
     options["spacing"] = sample_cfg.spacing
   return options
 
@@ -82,6 +90,10 @@ def make(config, info, *, denoiser_wrapper=None) -> Task:
     return state_lib.init_state(players, params)
 
   def loss(params, batch, keys, ctx):
+    if guided:
+      raise ValueError("config.model.guidance_input=True: the denoising loss has no guidance "
+                       "weight to give the network; a w-input network is trained by "
+                       "config.task='guidance_distillation' (or 'progressive' from one)")
     x0 = batch["image"] if space is None else space.draw(batch, keys)
     sr = None
     if config.superres.low_res:
@@ -187,8 +199,9 @@ def make(config, info, *, denoiser_wrapper=None) -> Task:
 
   likelihood = None  # of pixels: not in a latent space
   if not config.superres.low_res and config.text.encoder != "precomputed" and space is None:
-    def unconditional(params, x, t):
-      return apply(params, x, t, jnp.full(x.shape[:1], null, jnp.int32), {})
+    def unconditional(params, x, t):  # ∅: a guidance-distilled student's w is moot (0)
+      kw = {"guidance": jnp.zeros(x.shape[:1], jnp.float32)} if guided else {}
+      return apply(params, x, t, jnp.full(x.shape[:1], null, jnp.int32), {}, **kw)
     likelihood = Likelihood(model_fn=unconditional, path=path,
                             prediction=config.diffusion.prediction)
 

@@ -172,11 +172,24 @@ def on_student(base):
   return generator, denoiser
 
 
+DISTILLATION = ("progressive", "guidance_distillation", "consistency",
+                "adversarial_distillation")
+
+
 def teacher_guidance(config) -> float:
   """The CFG weight of the teacher's targets: config.distill.guidance, else the
-  teacher's own config.sample.guidance."""
-  if config.distill.guidance is not None:
-    return float(config.distill.guidance)
+  teacher's own config.sample.guidance — so in a chain of students (progressive
+  distillation) the first teacher's w is baked into the first student, which samples
+  with w = 0 and so passes w = 0 on. An explicit w ≠ 0 on a distilled teacher that
+  samples with w = 0 (its guidance already baked in) is an error: it would compound."""
   t_config = _load(config.distill.teacher, config.distill.teacher_step,
                    config.distill.teacher_params)[0]
-  return float(t_config.sample.guidance)
+  if config.distill.guidance is None:
+    return float(t_config.sample.guidance)
+  if (config.distill.guidance and t_config.task in DISTILLATION
+      and not t_config.sample.guidance and not t_config.model.guidance_input):
+    raise ValueError(f"config.distill.guidance={config.distill.guidance}: the teacher "
+                     f"{config.distill.teacher} is a distilled student that samples with "
+                     "guidance 0 (its teacher's guidance is baked in); leave "
+                     "config.distill.guidance unset (None) to distil it as it samples")
+  return float(config.distill.guidance)
