@@ -189,9 +189,32 @@ def base() -> ml_collections.ConfigDict:
 
   # --- consistency distillation / training (Song et al. 2023) ----------------------
   c.consistency = ml_collections.ConfigDict()
+  c.consistency.mode = "distillation"     # distillation (CD: the teacher's PF-ODE step, CM Alg. 2) | training (CT: no teacher, CM Alg. 3)
+  c.consistency.num_scales = 18           # N grid points t_min = t_1 < … < t_N = 1 (schedule='fixed'; CM's CIFAR-10 CD: 18)
+  c.consistency.schedule = "fixed"        # fixed (N, μ) | cm (CT's N(k), μ(k), CM App. C) | ict (N doubling every K' steps, iCT)
+  c.consistency.s0 = config_dict.placeholder(int)  # N(k)'s start: None = 2 (cm) | 10 (ict)
+  c.consistency.s1 = config_dict.placeholder(int)  # N(k)'s end: None = 150 (cm) | 1280 (ict)
+  c.consistency.sigma_min = 0.002         # σ = b/a at t_min, the boundary f(x, t_min) = x (discrete path: ≥ σ(1/T))
+  c.consistency.sigma_max = 80.0          # σ of the grid's top (EDM ρ-spacing; the top point is pinned to t = 1)
+  c.consistency.rho = 7.0                 # ρ of the grid in σ (Karras et al. 2022, eq. 5)
+  c.consistency.sigma_data = 0.5          # σ_d of c_skip, c_out
+  c.consistency.solver = "heun"           # heun | euler: the teacher's one PF-ODE step t_{n+1} → t_n (CD)
+  c.consistency.target_decay = 0.0        # μ of the target θ⁻ ← μ·θ⁻ + (1 − μ)·θ (cm: μ₀); 0: θ⁻ = stopgrad(θ) (iCT)
+  c.consistency.distance = "pseudo_huber"  # l2 | l1 (means over dims) | pseudo_huber (iCT) | lpips (CM; needs lpips_weights)
+  c.consistency.huber_c = config_dict.placeholder(float)  # pseudo_huber's c; None: 0.00054·sqrt(d) (iCT)
+  c.consistency.lpips_weights = config_dict.placeholder(str)  # LPIPS .npz (nets/lpips.py) for distance='lpips'
+  c.consistency.weighting = "uniform"     # λ(t_n): uniform | ict (1/(σ_{n+1} − σ_n))
+  c.consistency.time_sampling = "uniform"  # n: uniform over the grid's pairs | lognormal (iCT's, over the pairs)
+  c.consistency.lognormal_mean = -1.1     # P_mean of the lognormal over σ (iCT)
+  c.consistency.lognormal_std = 2.0       # P_std
 
   # --- adversarial diffusion distillation (Sauer et al. 2024) ----------------------
   c.adversarial = ml_collections.ConfigDict()
+  c.adversarial.distill_weight = 2.5      # λ of L = w_adv·L_adv + λ·L_distill (ADD: 2.5)
+  c.adversarial.adversarial_weight = 1.0  # w_adv; 0: no discriminator (distillation loss only)
+  c.adversarial.distill_weighting = "a_t"  # c(t) of the distillation loss: a_t (ADD's exponential weighting) | uniform
+  c.adversarial.teacher_t_min = 0.02      # the teacher's re-noising time t ~ U[t_min, t_max] (snapped on a discrete path)
+  c.adversarial.teacher_t_max = 1.0
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.path = "flow"               # flow | vp_discrete | vp_linear | vp_cosine | sub_vp | ve | edm
@@ -214,17 +237,22 @@ def base() -> ml_collections.ConfigDict:
   c.diffusion.min_snr_gamma = 5.0
 
   c.sample = ml_collections.ConfigDict()
-  c.sample.sampler = "euler"              # euler | heun | ddim | ddpm | dpm_solver_2m | sde | pc | edm | annealed_langevin
+  c.sample.sampler = "euler"              # euler | heun | ddim | ddpm | dpm_solver_2m | dpm_solver_3m | unipc | ipndm | consistency | sde | pc | edm | annealed_langevin
   c.sample.num_steps = 50
   c.sample.guidance = 1.0                 # w in (1 + w)·f(y) − w·f(∅); 0 = off
   c.sample.clip_x0 = False
   c.sample.spacing = config_dict.placeholder(str)  # None: the sampler's default | uniform | karras | logsnr
+  # An explicit grid t_0 = 1 > ... > t_N = 0, e.g. --config.sample.times='(1.0,0.6,0.3,0.0)':
+  # overrides spacing; num_steps must be len(times) − 1.
+  c.sample.times = config_dict.placeholder(tuple)
   # Sampler options: config.sample.<sampler> holds exactly the keyword arguments of
   # `samplers.<sampler>` beyond the common ones, passed to it as they are.
   c.sample.ddim = ml_collections.ConfigDict({"eta": 0.0})
   c.sample.ddpm = ml_collections.ConfigDict({"variance": "small"})  # small (β̃_t) | large (β_t)
   c.sample.pc = ml_collections.ConfigDict({"snr": 0.16, "corrector_steps": 1})  # Langevin corrector
   c.sample.edm = ml_collections.ConfigDict({"s_churn": 0.0})  # S_churn (0 = deterministic)
+  c.sample.unipc = ml_collections.ConfigDict({"order": 3, "variant": "bh2"})  # order ≤ 3; bh1 | bh2
+  c.sample.ipndm = ml_collections.ConfigDict({"order": 4})  # Adams–Bashforth order ≤ 4
   c.sample.per_class = 8                  # columns of the training-time sample grid (0: no grids)
 
   c.optim = ml_collections.ConfigDict()
@@ -263,6 +291,7 @@ def base() -> ml_collections.ConfigDict:
   c.eval.seed = 0                         # sample i uses fold_in(key(seed), i)
   c.eval.feature_workdir = config_dict.placeholder(str)  # classifier run (domain features)
   c.eval.inception_weights = config_dict.placeholder(str)  # FID Inception-v3 .pth / .npz
+  c.eval.pixel_features = False           # also the raw pixels as features ('*_pixels'; small images)
   c.eval.clip_workdir = config_dict.placeholder(str)  # clip run for clip_score (None: text.clip_workdir)
   c.eval.ref_stats_dir = config_dict.placeholder(str)  # Inception ref stats (None: <workdir>/eval/ref_stats)
   c.eval.reference_split = "test"
@@ -292,6 +321,13 @@ _CHOICES = {
     "distill.teacher_params": ("ema", "raw"),
     "distill.init": ("teacher", "random"),
     "progressive.weighting": ("truncated_snr", "snr_plus_one", "uniform"),
+    "consistency.mode": ("distillation", "training"),
+    "consistency.schedule": ("fixed", "cm", "ict"),
+    "consistency.solver": ("heun", "euler"),
+    "consistency.distance": ("l2", "l1", "pseudo_huber", "lpips"),
+    "consistency.weighting": ("uniform", "ict"),
+    "consistency.time_sampling": ("uniform", "lognormal"),
+    "adversarial.distill_weighting": ("a_t", "uniform"),
     "vae.network": ("mlp", "conv"),
     "vae.likelihood": ("gaussian", "gaussian_learned", "bernoulli", "logistic"),
     "autoencoder.reconstruction": ("l1", "l2"),
@@ -313,8 +349,8 @@ _CHOICES = {
     "diffusion.loss_weight": ("uniform", "snr", "min_snr", "edm", "vlb"),
     "diffusion.beta_schedule": ("linear", "cosine"),
     "diffusion.time_sampling": ("uniform", "logit_normal", "discrete"),
-    "sample.sampler": ("euler", "ddpm", "ddim", "heun", "dpm_solver_2m", "sde", "pc",
-                       "edm", "annealed_langevin"),
+    "sample.sampler": ("euler", "ddpm", "ddim", "heun", "dpm_solver_2m", "dpm_solver_3m",
+                       "unipc", "ipndm", "consistency", "sde", "pc", "edm", "annealed_langevin"),
     "sample.ddpm.variance": ("small", "large"),
     "sample.spacing": (None, "uniform", "karras", "logsnr"),
     "optim.name": ("adamw", "adam", "sgd"),
@@ -329,7 +365,9 @@ _POSITIVE = ("data.batch_size", "train.num_steps", "train.log_every", "train.kee
              "gan.style_dim", "gan.mapping_depth", "gan.patch_layers",
              "eval.iwae_samples", "vae.latent_dim", "vae.width", "vae.depth", "vae.sigma", "vae.beta",
              "autoencoder.layers_per_block", "autoencoder.latent_channels",
-             "autoencoder.norm_groups")
+             "autoencoder.norm_groups", "consistency.num_scales", "consistency.sigma_min",
+             "consistency.sigma_max", "consistency.rho", "consistency.sigma_data",
+             "consistency.lognormal_std")
 
 
 def get(config, dotted: str):

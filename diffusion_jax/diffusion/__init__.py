@@ -7,8 +7,11 @@
     time_sampling  t distributions of training
     losses         the denoising loss
     likelihood     posterior, the DDPM variational bound, PF-ODE NLL, bits/dim
+    consistency    consistency models: the boundary parametrisation, the CD/CT losses,
+                   the CT schedules, the distances
 """
-from diffusion_jax.diffusion import likelihood, losses, paths, predictions, time_sampling
+from diffusion_jax.diffusion import (consistency, likelihood, losses, paths, predictions,
+                                    time_sampling)
 from diffusion_jax.diffusion.paths import Path
 
-__all__ = ["Path", "likelihood", "losses", "paths", "predictions", "time_sampling"]
+__all__ = ["Path", "consistency", "likelihood", "losses", "paths", "predictions", "time_sampling"]
