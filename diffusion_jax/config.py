@@ -23,7 +23,11 @@ STRUCTURAL_KEYS = ("task", "model", "clip", "vae.network", "vae.latent_dim", "va
                    "gan.mlp_depth", "gan.style_dim", "gan.mapping_depth",
                    "gan.patch_layers", "data.name", "data.image_size", "optim.name",
                    "superres.low_res", "text.encoder", "text.max_length",
-                   "optim.trainable", "distill.teacher", "distill.teacher_step")
+                   "optim.trainable", "distill.teacher", "distill.teacher_step",
+                   # distillation entries of the state (a target network, LPIPS, a
+                   # discriminator) exist or not by these
+                   "consistency.mode", "consistency.target_decay", "consistency.distance",
+                   "adversarial.adversarial_weight")
 # Keys under a structural prefix that change compute only (a resumed run may switch
 # them, e.g. turn on remat or bf16 compute to fit a bigger batch).
 COMPUTE_ONLY_KEYS = ("model.remat", "model.attention_impl", "model.dtype", "model.dropout")

@@ -146,6 +146,7 @@ def _load_config(path):
 _SLOW_CONFIGS = {"cifar10_ddpm.py",      # 35.7M parameters: ~37 s
                  # the distillation recipes for accelerators (teacher + student: ~2×)
                  "cifar10_consistency.py", "mnist5k_progressive.py",
+                 "mnist5k_guidance_distillation.py", "mnist5k_adversarial_distillation.py",
                  "mnist5k_flow.py", "mnist5k_superres.py",  # 3-level 32-ch U-Nets: ~20 s each
                  "gan_mnist5k.py", "gan_mnist5k_cond.py",  # ~16 s each; gan_digits covers the code
                  # the tasks' own digits tests cover these paths (autoencoder, vae, latent)
@@ -167,7 +168,12 @@ _DISTILLATION = ("progressive", "guidance_distillation", "consistency",
 # Trained by their own default tests, which hold this test's invariant for them: the
 # config's own model through diffusion-jax-train, checkpointed, no sample grid
 # (tests/training/test_clip_task.py::test_train_cli_then_held_out_retrieval, 150 steps).
-_COVERED = {"digits_clip.py"}
+_COVERED = {"digits_clip.py",
+            # the quickstart's own network (its row runs it); each task's default test
+            # trains the config through diffusion-jax-train at the tiny size, teacher first
+            "digits_progressive.py", "digits_guidance_distillation.py",
+            "digits_adversarial_distillation.py", "digits_consistency.py",
+            "digits_consistency_training.py"}
 CONFIGS = [pytest.param(p, marks=pytest.mark.slow)
            if os.path.basename(p) in _SLOW_CONFIGS | _COVERED else p
            for p in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))

@@ -67,3 +67,22 @@ def test_an_option_changes_the_samples(data_dir):
         p, cond, jax.random.split(k, 4))[0])
     out[eta] = np.asarray(fn(params, key))
   assert np.all(np.isfinite(out[0.0])) and not np.allclose(out[0.0], out[1.0], atol=1e-3)
+
+
+@pytest.mark.parametrize("path", ["ve", "edm"])
+def test_samples_start_from_the_path_s_prior(data_dir, path):
+  """x₁ ~ N(0, b(1)²), not N(0, 1): with a network that outputs 0 (all parameters zero)
+  an ε-model's one DDIM step from t = 1 returns x̂₀ = x₁/a(1) = x₁ on these paths
+  (a = 1). With b(1) = σ_max = 50 nearly every value lies beyond the final clip to
+  [-1, 1] (P(|x₁| < 1) ≈ 0.016; from N(0, 1) it would be 0.68)."""
+  from diffusion_jax.training import loop
+  c = tiny_config(data_dir, **{"diffusion.path": path, "diffusion.prediction": "eps",
+                               "sample.sampler": "ddim", "sample.guidance": 0.0})
+  task = tasks.make(c, loop.dataset_info(c))
+  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                        jax.eval_shape(task.init, jax.random.key(0)).params)
+  keys = jax.random.split(jax.random.key(1), 64)
+  x, _ = jax.jit(task.generator.sample(num_steps=1))(
+      params, {"label": np.zeros(64, np.int32)}, keys)
+  share = float(np.mean(np.abs(np.asarray(x)) < 0.999))
+  assert share < 0.05, share

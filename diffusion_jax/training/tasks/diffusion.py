@@ -125,6 +125,8 @@ def make(config, info, *, denoiser_wrapper=None) -> Task:
       _check_guide(classifier[0])
     shape = tuple(info.image_shape)
     cfg_on = bool(null and guidance) and not guided
+    with jax.ensure_compile_time_eval():
+      prior_std = float(path.ab(1.0)[1])
 
     def sample_fn(params, cond, keys, classifier_params=None, *, frozen=None):
       labels = cond["label"]
@@ -155,7 +157,10 @@ def make(config, info, *, denoiser_wrapper=None) -> Task:
         guide, scale = classifier
         denoiser = samplers.guidance.classifier(
             denoiser, path, lambda x, t: guide.log_prob(classifier_params, x, t, labels), scale)
-      x_init = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys)
+      # The prior at t = 1: x₁ = a(1)·x + b(1)·z ≈ b(1)·z (a(1) = 0 on the flow path and
+      # ≈ 0 on VP paths; on VE / EDM paths b(1) = σ_max dominates the data term).
+      x_init = prior_std * jax.vmap(
+          lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys)
       source = cond.get("image")
       if source is not None and space is not None:  # editing inputs are pictures
         source = space.encode(source, labels, frozen)
