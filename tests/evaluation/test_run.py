@@ -143,7 +143,7 @@ def test_interrupted_on_8_devices_equals_uninterrupted_on_1(runs, evaluated):
     if isinstance(v, float) and k != "train_seconds":
       np.testing.assert_allclose(ref[k], v, rtol=1e-3, atol=1e-5, err_msg=k)
   overrides = {"eval.feature_workdir": str(runs / "cls"), "eval.metrics": SAMPLE_METRICS,
-               "eval.num_samples": 40, "eval.batch_size": 16}
+               "eval.num_samples": 40, "eval.batch_size": 16, "eval.pixel_features": True}
   mesh = parallel.make_mesh(config_lib.base().mesh, jax.devices())
   assert eval_run.evaluate(str(runs / "model"), overrides=overrides, mesh=mesh,
                            max_batches=1) is None
