@@ -22,7 +22,7 @@ which samples with w = 0), and
 with c(t) = a_t (config.adversarial.distill_weighting='a_t', ADD's "exponential"
 weighting: noisier targets count less) or 1 ('uniform'). A guidance-distilled (w-input)
 teacher and its student both get w ~ U[w_min, w_max] (config.guidance_distillation;
-`progressive.guidance_weights`).
+`distill.guidance_weights`).
 
 Adversarial loss (ADD §3.2): a discriminator of config.gan (`nets/gan.py`:
 `gan.discriminator` dcgan / mlp with the projection of the class label when
@@ -65,7 +65,6 @@ from diffusion_jax.samplers import spacing as spacing_lib
 from diffusion_jax.training import state as state_lib
 from diffusion_jax.training.tasks import distill, gan as gan_task, latent as latent_lib
 from diffusion_jax.training.tasks.base import Player, Task
-from diffusion_jax.training.tasks.progressive import guidance_weights
 
 WEIGHTINGS = ("a_t", "uniform")
 SAMPLERS = ("consistency", "ddim")
@@ -197,12 +196,10 @@ def make(config, info) -> Task:
   def inputs(batch, keys):
     """(teacher Denoiser, x₀, labels, text cond, w) of a slice of the batch."""
     teacher_den, _ = distill.teacher(config)
-    if den.guidance_input != teacher_den.guidance_input:
-      raise ValueError("config.model.guidance_input must be the teacher's (a student of a "
-                       "guidance-distilled teacher keeps its w input)")
-    w = guidance_weights(config, teacher_den, keys)
-    cond = {k: batch[k] for k in ("tokens", "text_embedding") if k in batch}
-    return teacher_den, x0_of(batch, keys), batch["label"].astype(jnp.int32), cond, w
+    distill.check_teacher(den, teacher_den)
+    w = distill.guidance_weights(config, teacher_den, keys)
+    return (teacher_den, x0_of(batch, keys), batch["label"].astype(jnp.int32),
+            distill.text_cond(batch), w)
 
   def student_loss(params, batch, keys, ctx):
     teacher_den, x0, labels, cond, w = inputs(batch, keys)

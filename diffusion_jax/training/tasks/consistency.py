@@ -55,7 +55,7 @@ from diffusion_jax.diffusion import consistency as cm, paths, predictions
 from diffusion_jax.nets import lpips as lpips_lib
 from diffusion_jax.samplers import spacing as spacing_lib
 from diffusion_jax.training import optim, state as state_lib
-from diffusion_jax.training.tasks import distill, progressive
+from diffusion_jax.training.tasks import distill
 from diffusion_jax.training.tasks.base import Player, Task
 
 MODES = ("distillation", "training")
@@ -217,25 +217,13 @@ def make(config, info) -> Task:
   consistency_fn = student_fn(den, path, t_min, sigma_data)
 
   def loss(params, batch, keys, ctx):
-    teacher_den, w, baked = None, jnp.zeros(keys.shape[:1], jnp.float32), False
-    if distilling:
-      teacher_den, _ = distill.teacher(config)
-      if den.guidance_input != teacher_den.guidance_input:
-        raise ValueError("config.model.guidance_input must be the teacher's (a student of "
-                         "a guidance-distilled teacher keeps its w input)")
-      w = progressive.guidance_weights(config, teacher_den, keys)
-      baked = (not teacher_den.guidance_input) and distill.teacher_guidance(config) != 0
-      if baked and config.sample.guidance != 0:
-        raise ValueError(f"the teacher's guidance w={distill.teacher_guidance(config)} is "
-                         "baked into the student: set config.sample.guidance=0 (or "
-                         "config.distill.guidance=0 to keep classifier-free guidance)")
     x = x0_of(batch, keys)
-    labels = batch["label"].astype(jnp.int32)
-    if den.null and not baked and not den.guidance_input:  # keep CFG: drop as in training
-      drop = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, _DROP),
-                                                     config.diffusion.label_dropout))(keys)
-      labels = jnp.where(drop, den.null, labels)
-    cond = {k: batch[k] for k in ("tokens", "text_embedding") if k in batch}
+    if distilling:
+      teacher_den, w, labels, cond = distill.teacher_inputs(config, den, batch, keys, _DROP)
+    else:  # CT: the student's own labels, dropped to ∅ as in training (keeps CFG)
+      teacher_den, w = None, jnp.zeros(keys.shape[:1], jnp.float32)
+      labels = distill.drop_labels(config, den, batch["label"].astype(jnp.int32), keys, _DROP)
+      cond = distill.text_cond(batch)
 
     n_scales = cm.num_scales(schedule, ctx.step, total, s0, s1, fixed)
     row = jnp.searchsorted(values, n_scales)

@@ -33,10 +33,13 @@ import numpy as np
 from diffusion_jax import config as config_lib, runs
 from diffusion_jax.training import tasks
 from diffusion_jax.training.tasks import latent as latent_lib
-from diffusion_jax.training.tasks.base import Denoiser, Generator
+from diffusion_jax.training.tasks.base import Denoiser
 
-__all__ = ["SAME", "check_same", "cfg_prediction", "draw", "on_student", "student",
-           "teacher"]
+__all__ = ["SAME", "check_same", "check_teacher", "cfg_prediction", "draw",
+           "draw_guidance", "drop_labels", "guidance_weights",
+           "on_student", "student", "teacher", "teacher_inputs", "text_cond"]
+
+_W = 0x7D17  # fold-in salt of the per-example guidance weight w
 
 # Sections (or keys) a student shares with its teacher: the network and what it
 # denoises. model.guidance_input may differ (guidance distillation adds the w input).
@@ -193,3 +196,62 @@ def teacher_guidance(config) -> float:
                      "guidance 0 (its teacher's guidance is baked in); leave "
                      "config.distill.guidance unset (None) to distil it as it samples")
   return float(config.distill.guidance)
+
+
+def text_cond(batch) -> dict:
+  """The text entries of a batch the networks read ("tokens", "text_embedding")."""
+  return {k: batch[k] for k in ("tokens", "text_embedding") if k in batch}
+
+
+def check_teacher(den: Denoiser, teacher_den: Denoiser) -> None:
+  """A student keeps its teacher's w input (or its absence)."""
+  if den.guidance_input != teacher_den.guidance_input:
+    raise ValueError("config.model.guidance_input must be the teacher's (a student of a "
+                     "guidance-distilled teacher keeps its w input)")
+
+
+def guidance_weights(config, den: Denoiser, keys):
+  """Per-example CFG weights w [B] of the teacher's targets: drawn from
+  U[w_min, w_max] (config.guidance_distillation) for a w-input teacher, else the one
+  fixed `teacher_guidance`."""
+  if den.guidance_input:
+    return draw_guidance(config, keys)
+  return jnp.full(keys.shape[:1], teacher_guidance(config), jnp.float32)
+
+
+def draw_guidance(config, keys, salt: int = _W):
+  """w [B] ~ U[w_min, w_max] (config.guidance_distillation), from fold_in(key_i, salt)."""
+  g = config.guidance_distillation
+  u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, salt)))(keys)
+  return g.w_min + (g.w_max - g.w_min) * u
+
+
+def teacher_inputs(config, den: Denoiser, batch, keys, drop_salt: int):
+  """(teacher Denoiser, w [B], labels [B], text cond) of a batch for the student `den`
+  of a teacher-driven loss (progressive, consistency distillation). A teacher guidance
+  w ≠ 0 without a w input is baked into the student (config.sample.guidance must then
+  be 0, else an error) and labels are kept; otherwise labels drop to ∅ with p =
+  config.diffusion.label_dropout (salt `drop_salt`), so the student keeps CFG."""
+  teacher_den, _ = teacher(config)
+  check_teacher(den, teacher_den)
+  w = guidance_weights(config, teacher_den, keys)
+  baked = (not teacher_den.guidance_input) and teacher_guidance(config) != 0
+  if baked and config.sample.guidance != 0:
+    raise ValueError(f"the teacher's guidance w={teacher_guidance(config)} is baked into "
+                     "the student: set config.sample.guidance=0 (or "
+                     "config.distill.guidance=0 to keep classifier-free guidance)")
+  labels = batch["label"].astype(jnp.int32)
+  if not baked:
+    labels = drop_labels(config, den, labels, keys, drop_salt)
+  return teacher_den, w, labels, text_cond(batch)
+
+
+def drop_labels(config, den: Denoiser, labels, keys, salt: int):
+  """Labels dropped to ∅ with p = config.diffusion.label_dropout (per example, salt
+  `salt`), so a student keeps classifier-free guidance; unchanged for an unconditional
+  or a w-input student."""
+  if not den.null or den.guidance_input:
+    return labels
+  drop = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, salt),
+                                                 config.diffusion.label_dropout))(keys)
+  return jnp.where(drop, den.null, labels)

@@ -50,9 +50,7 @@ _W = 0x6D31  # fold-in salt of the per-example w draw
 def draw_w(config, keys):
   """Per-example guidance weights w [B] ~ U[w_min, w_max] (config.guidance_distillation),
   from fold_in(key_i, salt): independent of t, z and the label dropout."""
-  g = config.guidance_distillation
-  u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, _W)))(keys)
-  return g.w_min + (g.w_max - g.w_min) * u
+  return distill.draw_guidance(config, keys, _W)
 
 
 def examples(config, path, null: int, x, labels, keys):
@@ -134,7 +132,7 @@ def make(config, info) -> Task:
     x = x0_of(batch, keys)
     B = x.shape[0]
     t, x_t, labels, w = examples(config, path, den.null, x, batch["label"], keys)
-    cond = {k: batch[k] for k in ("tokens", "text_embedding") if k in batch}
+    cond = distill.text_cond(batch)
     tgt = jax.lax.stop_gradient(target(teacher_den, params["teacher"], x_t, t, labels, cond, w))
     pred = den.apply(params["student"], x_t, t, labels, cond, guidance=w, train=True,
                      rngs={"dropout": ctx.dropout_key}).astype(jnp.float32)

@@ -39,7 +39,7 @@ from diffusion_jax.training.tasks import distill
 from diffusion_jax.training.tasks.base import Player, Task
 
 WEIGHTINGS = ("truncated_snr", "snr_plus_one", "uniform")
-_T, _DROP, _W = 0x7D15, 0x7D16, 0x7D17  # fold-in salts: step index, label dropout, w
+_T, _DROP = 0x7D15, 0x7D16  # fold-in salts: step index, label dropout
 
 
 def ddim_step(path, x0, x_t, t, s):
@@ -74,17 +74,6 @@ def _b(v, x):
   return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
 
 
-def guidance_weights(config, den, keys):
-  """Per-example CFG weights w [B] of the teacher's targets: drawn from
-  U[w_min, w_max] (config.guidance_distillation) for a w-input teacher, else the one
-  fixed `distill.teacher_guidance`."""
-  if den.guidance_input:
-    g = config.guidance_distillation
-    u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, _W)))(keys)
-    return g.w_min + (g.w_max - g.w_min) * u
-  return jnp.full(keys.shape[:1], distill.teacher_guidance(config), jnp.float32)
-
-
 def _check(config):
   p = config.progressive
   if p.weighting not in WEIGHTINGS:
@@ -111,16 +100,7 @@ def make(config, info) -> Task:
   tx, sched = optim.make(config.optim, config.train.num_steps)
 
   def loss(params, batch, keys, ctx):
-    teacher_den, _ = distill.teacher(config)
-    if den.guidance_input != teacher_den.guidance_input:
-      raise ValueError("config.model.guidance_input must be the teacher's (a student of a "
-                       "guidance-distilled teacher keeps its w input)")
-    w = guidance_weights(config, teacher_den, keys)
-    baked = (not teacher_den.guidance_input) and distill.teacher_guidance(config) != 0
-    if baked and config.sample.guidance != 0:
-      raise ValueError(f"the teacher's guidance w={distill.teacher_guidance(config)} is "
-                       "baked into the student: set config.sample.guidance=0 (or "
-                       "config.distill.guidance=0 to keep classifier-free guidance)")
+    teacher_den, w, labels, cond = distill.teacher_inputs(config, den, batch, keys, _DROP)
     x = x0_of(batch, keys)
     B = x.shape[0]
     i = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, _T), (), 0, n))(keys)
@@ -128,12 +108,6 @@ def make(config, info) -> Task:
     eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), x.shape[1:]))(keys)
     a, b = path.ab(t)
     x_t = _b(a, x) * x + _b(b, x) * eps
-    labels = batch["label"].astype(jnp.int32)
-    if den.null and not baked and not den.guidance_input:  # keep CFG: drop as in training
-      drop = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, _DROP),
-                                                     config.diffusion.label_dropout))(keys)
-      labels = jnp.where(drop, den.null, labels)
-    cond = {k: batch[k] for k in ("tokens", "text_embedding") if k in batch}
     teacher_net = params["teacher"]
 
     def teacher_x0(x_, t_):
