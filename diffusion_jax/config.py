@@ -27,7 +27,11 @@ STRUCTURAL_KEYS = ("task", "model", "clip", "vae.network", "vae.latent_dim", "va
                    # distillation entries of the state (a target network, LPIPS, a
                    # discriminator) exist or not by these
                    "consistency.mode", "consistency.target_decay", "consistency.distance",
-                   "adversarial.adversarial_weight")
+                   "adversarial.adversarial_weight",
+                   # the fine-tuning tree's entries (adapters, embeddings, text encoder)
+                   "finetune.method", "finetune.lora_rank", "finetune.lora_targets",
+                   "finetune.lora_text_targets", "finetune.train_text_encoder",
+                   "finetune.placeholders")
 # Keys under a structural prefix that change compute only (a resumed run may switch
 # them, e.g. turn on remat or bf16 compute to fit a bigger batch).
 COMPUTE_ONLY_KEYS = ("model.remat", "model.attention_impl", "model.dtype", "model.dropout")
@@ -220,6 +224,25 @@ def base() -> ml_collections.ConfigDict:
   c.adversarial.teacher_t_min = 0.02      # the teacher's re-noising time t ~ U[t_min, t_max] (snapped on a discrete path)
   c.adversarial.teacher_t_max = 1.0
 
+  # Fine-tuning (config.task='finetune'; docs/finetuning.md): a diffusion run's config with
+  # its network from config.init.from_workdir (init.map = (('^', 'denoiser/'),)), and
+  # what trains: LoRA adapters, placeholder-token embeddings (textual inversion), or
+  # every weight of the denoiser and its text encoder. Plain fine-tuning and full
+  # DreamBooth are config.task='diffusion' with config.init (+ data.paired_name).
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.method = "lora"              # lora | textual_inversion | full (the denoiser and, with train_text_encoder, the text encoder)
+  c.finetune.lora_rank = 4                # r
+  c.finetune.lora_alpha = config_dict.placeholder(float)  # α of (α/r)·BA; None: r
+  c.finetune.lora_dropout = 0.0           # dropout on the adapters' input
+  # Module paths (re.search) of the adapted Dense / DenseGeneral / Conv layers: the
+  # attention projections of the U-Net (SelfAttention2D_i/qkv|out, Attention_0/q|kv|proj)
+  # and the DiT (attn/qkv|proj, cross_attn/q|kv|proj); add e.g. 'mlp/fc[12]$' for MLPs.
+  c.finetune.lora_targets = (r"(^|/)(qkv|q|kv|out|proj)$",)
+  c.finetune.lora_text_targets = (r"^text/.*attn/(qkv|proj)$",)  # of the clip text encoder
+  c.finetune.train_text_encoder = False   # lora: adapters on the text encoder too; full: its weights
+  c.finetune.placeholders = 0             # learned tokens <v0>..<v{K-1}> (textual inversion: ≥ 1)
+  c.finetune.initializer = ""             # a word whose tokens' mean embedding starts each placeholder ('' : N(0, 0.02²))
+
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.path = "flow"               # flow | vp_discrete | vp_linear | vp_cosine | sub_vp | ve | edm
   c.diffusion.prediction = "velocity"     # velocity | eps | x | v | score | edm
@@ -239,6 +262,7 @@ def base() -> ml_collections.ConfigDict:
   c.diffusion.sigma_data = 0.5            # edm preconditioning
   c.diffusion.loss_weight = "uniform"     # uniform | snr | min_snr | edm | vlb
   c.diffusion.min_snr_gamma = 5.0
+  c.diffusion.prior_weight = 1.0          # λ of L_instance + λ·L_prior on paired batches (data.paired_name; DreamBooth)
 
   c.sample = ml_collections.ConfigDict()
   c.sample.sampler = "euler"              # euler | heun | ddim | ddpm | dpm_solver_2m | dpm_solver_3m | unipc | ipndm | consistency | sde | pc | edm | annealed_langevin
@@ -257,6 +281,7 @@ def base() -> ml_collections.ConfigDict:
   c.sample.edm = ml_collections.ConfigDict({"s_churn": 0.0})  # S_churn (0 = deterministic)
   c.sample.unipc = ml_collections.ConfigDict({"order": 3, "variant": "bh2"})  # order ≤ 3; bh1 | bh2
   c.sample.ipndm = ml_collections.ConfigDict({"order": 4})  # Adams–Bashforth order ≤ 4
+  c.sample.lora_scale = 1.0               # s of W + (α/r)·s·BA (LoRA runs; 0 = the base model)
   c.sample.per_class = 8                  # columns of the training-time sample grid (0: no grids)
 
   c.optim = ml_collections.ConfigDict()
@@ -273,6 +298,17 @@ def base() -> ml_collections.ConfigDict:
   # Regexes over parameter paths (re.search, e.g. 'attn/'): only matching parameters
   # train and have optimizer state; () = all of them.
   c.optim.trainable = ()
+
+  # Start from another run's parameters (fine-tuning; training/warmstart.py): its EMA or
+  # raw parameters, a fresh optimizer, step 0. Paths are matched after `map`'s regex
+  # rewrites; new or reshaped parameters need a rule: init | grow | grow_zeros |
+  # grow_mean | grow_last (by this run's path), drop (by the base run's path).
+  c.init = ml_collections.ConfigDict()
+  c.init.from_workdir = ""                # '' (a fresh initialisation) | workdir of the base run
+  c.init.step = config_dict.placeholder(int)  # None: its latest checkpoint
+  c.init.params = "ema"                   # ema | raw
+  c.init.map = ()                         # ((regex, replacement), ...) over the base run's paths
+  c.init.rules = ()                       # ((regex, rule), ...)
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1000
@@ -321,8 +357,10 @@ def base() -> ml_collections.ConfigDict:
 
 _CHOICES = {
     "task": ("diffusion", "classifier", "clip", "gan", "vae", "autoencoder", "progressive",
-             "guidance_distillation", "consistency", "adversarial_distillation"),
+             "guidance_distillation", "consistency", "adversarial_distillation", "finetune"),
+    "finetune.method": ("lora", "textual_inversion", "full"),
     "distill.teacher_params": ("ema", "raw"),
+    "init.params": ("ema", "raw"),
     "distill.init": ("teacher", "random"),
     "progressive.weighting": ("truncated_snr", "snr_plus_one", "uniform"),
     "consistency.mode": ("distillation", "training"),

@@ -1,4 +1,4 @@
-"""Images at the edges: [-1, 1] floats ↔ uint8, grids, PNG files."""
+"""Images at the edges: [-1, 1] floats ↔ uint8, grids, PNG files; small tensor files (.safetensors)."""
 from __future__ import annotations
 
 import os
@@ -43,3 +43,15 @@ def save_grid(path: str, images, rows: int) -> str:
   """float [-1, 1] [N, H, W, C] → PNG grid with `rows` rows; small images are upscaled."""
   images = to_uint8(images)
   return save_png(path, grid(images, rows), upscale=max(1, 64 // images.shape[1]))
+
+
+def save_tensors(path: str, tensors: dict, metadata: dict) -> str:
+  """Writes numpy arrays {name: array} with string metadata as one .safetensors file
+  (no pickle), atomically: a reader never sees a partial file."""
+  from safetensors.numpy import save_file
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".tmp"
+  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
+            metadata={str(k): str(v) for k, v in metadata.items()})
+  os.replace(tmp, path)
+  return path

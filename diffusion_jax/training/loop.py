@@ -27,7 +27,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from diffusion_jax import checkpoint, config as config_lib, data, io, parallel, runs, writers
-from diffusion_jax.training import generate, step as step_lib, tasks
+from diffusion_jax.training import generate, step as step_lib, tasks, warmstart
 
 
 class _Preemption:
@@ -112,6 +112,13 @@ def _train(config, workdir, devices, preemption, make_evaluator):
     logging.info("Resumed from %s at step %d.", mngr.directory, latest)
   else:
     state = _compile_init(task.init, shardings, init_key)(init_key)
+    state = warmstart.apply(config, state, mesh, shardings)
+    if config.init.from_workdir:
+      logging.info("Initialised from %s (%s parameters).", config.init.from_workdir,
+                   config.init.params)
+  for name, trained, total in warmstart.trainable_summary(task.players, abstract.params):
+    logging.info("Trainable parameters of %s: %d of %d (%.2f%%).", name, trained, total,
+                 100.0 * trained / max(total, 1))
 
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -134,6 +141,11 @@ def _train(config, workdir, devices, preemption, make_evaluator):
 
   def save(step):
     checkpoint.save(mngr, step, current(), data_iter.get_state(), meta)
+    if task.adapters is not None:  # the small trained parts alone (a fine-tuning run)
+      tensors, extra = task.adapters.export(jax.device_get(current().ema_params))
+      if jax.process_index() == 0:
+        io.save_tensors(os.path.join(workdir, "adapters", f"{step}.safetensors"), tensors,
+                        dict(extra, step=str(step)))
 
   def sample_grid(step):
     if sampler is None:

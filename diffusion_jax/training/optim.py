@@ -43,8 +43,9 @@ def trainable(patterns):
   return mask
 
 
-def make(optim_cfg, num_steps: int):
-  """Returns (optax transformation, schedule). With config.optim.trainable, only the
+def make(optim_cfg, num_steps: int, patterns=None):
+  """Returns (optax transformation, schedule). With config.optim.trainable (or the
+  `patterns`, a task's own choice, e.g. a fine-tuning method's), only the
   matching parameters are updated and only they have optimizer state (the frozen ones
   go through `optax.set_to_zero`, whose state is empty): memory follows what trains."""
   sched = schedule(optim_cfg, num_steps)
@@ -61,7 +62,7 @@ def make(optim_cfg, num_steps: int):
   # clipping is on (a resumed run may change optim.grad_clip).
   clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
   return masked(optax.chain(optax.clip_by_global_norm(clip), opt),
-                trainable(optim_cfg.trainable)), sched
+                trainable(optim_cfg.trainable if patterns is None else patterns)), sched
 
 
 def masked(tx, mask):

@@ -127,6 +127,8 @@ def make_train_step(task):
       if p.ema_decay is not None:
         new = _get(params, p.name, p.optimized)
         averaged = ema_update(_get(ema, p.name, p.optimized), new, p.ema_decay, state.step)
+        if p.mask is not None:  # a frozen leaf's EMA is the leaf itself, bit for bit
+          averaged = jax.tree.map(lambda a, n, m: a if m else n, averaged, new, p.mask(new))
         # The EMA entry holds the player's current non-optimised variables (BatchNorm
         # statistics) beside the averaged parameters, so it samples like `params`.
         ema = _put(ema, _put(_get(params, p.name), averaged, p.optimized), p.name)

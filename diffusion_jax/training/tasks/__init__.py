@@ -9,16 +9,16 @@ protocol and its capabilities: `base.py`).
 import importlib
 
 from diffusion_jax.training.tasks.base import (
-    Autoencoder, Bound, Denoiser, Features, Generator, Guide, Likelihood, Player, StepContext, Task,
+    Adapters, Autoencoder, Bound, Denoiser, Features, Generator, Guide, Likelihood, Player, StepContext, Task,
     TextEncoder)
 
 # config.task → the module in this package that makes it. Modules are imported when a
 # task is made, so a task may use another run's task (a frozen component) without an
 # import cycle.
 TASKS = ("diffusion", "classifier", "clip", "gan", "vae", "autoencoder", "progressive",
-         "guidance_distillation", "consistency", "adversarial_distillation")
+         "guidance_distillation", "consistency", "adversarial_distillation", "finetune")
 
-__all__ = ["TASKS", "Autoencoder", "Bound", "Denoiser", "latent", "Features", "Generator", "Guide", "Likelihood", "Player", "StepContext",
+__all__ = ["TASKS", "Adapters", "Autoencoder", "Bound", "Denoiser", "latent", "Features", "Generator", "Guide", "Likelihood", "Player", "StepContext",
            "Task", "TextEncoder", "make", "module"]
 
 

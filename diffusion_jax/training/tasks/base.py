@@ -20,6 +20,8 @@ and, where the task has them, capabilities (None where it does not):
     bound: Bound               it bounds log p(x) by sampling latents (ELBO, IWAE)
     denoiser: Denoiser         it denoises on a Gaussian path (a distillation teacher,
                                the initialisation of a student)
+    adapters: Adapters         it has small parts worth saving alone (LoRA adapters,
+                               learned token embeddings: a fine-tuning run)
 
 Generic code asks `task.generator is None`, never for a task's or a dataset's name.
 The one train step for every task is `training.step.make_train_step(task)`.
@@ -249,6 +251,18 @@ class Denoiser:
 
 
 @dataclasses.dataclass(frozen=True)
+class Adapters:
+  """The capability of small trained parts that load onto other runs (a fine-tuning
+  run's LoRA adapters and placeholder embeddings, `finetune.py`).
+
+  export(params) -> (tensors {name: numpy array}, metadata {str: str}): what the loop
+    writes alone beside every checkpoint, `<workdir>/adapters/<step>.safetensors` (from
+    the EMA parameters), a file far smaller than the checkpoint.
+  """
+  export: Callable
+
+
+@dataclasses.dataclass(frozen=True)
 class Task:
   """What every task provides; see the module docstring."""
   init: Callable[[jax.Array], Any]
@@ -262,6 +276,7 @@ class Task:
   autoencoder: Autoencoder | None = None
   bound: Bound | None = None
   denoiser: Denoiser | None = None
+  adapters: Adapters | None = None
 
 
 def class_grid_labels(num_classes: int, per_class: int):

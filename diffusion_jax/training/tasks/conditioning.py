@@ -73,8 +73,10 @@ def _text_component(workdir: str):
 
 
 def text_conditioner(config):
-  """None without config.text.encoder; else fn(cond, null [B] bool) -> the denoiser's
-  keyword arguments {text [B,M,D], text_mask [B,M], (text_pooled [B,E])}.
+  """None without config.text.encoder; else fn(cond, null [B] bool, text_params=None)
+  -> the denoiser's keyword arguments {text [B,M,D], text_mask [B,M], (text_pooled
+  [B,E])}; text_params: the clip run's parameters to use instead of its own (a
+  fine-tuned text encoder).
 
   cond: "tokens" int [B, L] ('clip'; absent = all ∅) or "text_embedding" [B, M, D]
   ('precomputed': tokens whose embedding is all zeros are padding). ∅ is the empty
@@ -94,16 +96,18 @@ def text_conditioner(config):
                        f"{text.max_length} ({config.text.clip_workdir})")
     empty = jnp.asarray(text_lib.encode([""], L)[0])
 
-    def encode(cond, null):
+    def encode(cond, null, text_params=None):
       tokens = cond.get("tokens")
       tokens = (jnp.broadcast_to(empty, (null.shape[0], L)) if tokens is None
                 else jnp.where(null[:, None], empty, tokens.astype(jnp.int32)))
-      feats, mask, pooled = text.encode(params, tokens)
+      feats, mask, pooled = text.encode(params if text_params is None else text_params,
+                                        tokens)
       return dict(text=jax.lax.stop_gradient(feats), text_mask=mask,
                   text_pooled=jax.lax.stop_gradient(pooled))
     return encode
 
-  def precomputed(cond, null):
+  def precomputed(cond, null, text_params=None):
+    del text_params  # no encoder
     if "text_embedding" not in cond:
       raise ValueError("config.text.encoder='precomputed': the conditioning needs "
                        f"'text_embedding' (dataset feature {config.text.embedding_feature!r})")
@@ -128,14 +132,14 @@ def embedding_shape(config) -> tuple:
   return shape
 
 
-def text_kwargs(text, cond, labels, null):
+def text_kwargs(text, cond, labels, null, text_params=None):
   """The denoiser's text keyword arguments for labels [B'] (B' = k·B under CFG, whose
   network call stacks copies of the batch: cond entries are tiled to match)."""
   if text is None:
     return {}
   reps = lambda a: jnp.tile(a, (labels.shape[0] // a.shape[0],) + (1,) * (a.ndim - 1))
   cond = {k: reps(cond[k]) for k in ("tokens", "text_embedding") if k in cond}
-  return text(cond, labels == null)
+  return text(cond, labels == null, text_params)
 
 
 def _tokens(config, info, labels, prompts):

@@ -10,6 +10,9 @@ precomputed-text models, which need inputs a density of x alone does not have) a
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Any, Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
@@ -51,7 +54,27 @@ def sampler_options(sample_cfg, sampler: str) -> dict:
   return options
 
 
-def make(config, info, *, denoiser_wrapper=None) -> Task:
+class Adapted(NamedTuple):
+  """What a fine-tuning run's parameter tree means to the diffusion task (`make`'s
+  `adapt`): the denoiser's parameters, the text encoder's (None: the clip run's own),
+  and the contexts its network and its text encoder are called in (LoRA adapters,
+  placeholder embeddings: `nets.adapters`)."""
+  net: Any
+  text: Any = None
+  net_context: Callable[[], Any] = contextlib.nullcontext
+  text_context: Callable[[], Any] = contextlib.nullcontext
+
+
+def prior_preservation(per_example, paired, weight: float):
+  """DreamBooth's L_instance + λ·L_prior (Ruiz et al. 2023, eq. 2) on a paired batch whose
+  halves are the instance and the class ('paired' = 1) examples: the batch mean of
+  2·((1 − p) + λ·p)·ℓ, which with equal halves is mean(ℓ_instance) + λ·mean(ℓ_prior),
+  a plain per-example mean (so any number of devices computes the same)."""
+  p = paired.astype(jnp.float32)
+  return jnp.mean(2.0 * ((1.0 - p) + weight * p) * per_example)
+
+
+def make(config, info, *, denoiser_wrapper=None, adapt=None) -> Task:
   """`info` describes the batches: pictures, or a latent cache (`data.latents`). In a
   latent space (config.latent.autoencoder, or a cache) the denoiser works on the
   scaled latents and the generator decodes to pixels (`latent.py`).
@@ -59,7 +82,14 @@ def make(config, info, *, denoiser_wrapper=None) -> Task:
   denoiser_wrapper: denoiser -> denoiser, applied to the denoiser every sampler of the
   generator runs on (before classifier guidance and inpainting): how a task whose
   network is a diffusion denoiser with another output map samples through this
-  generator (a consistency model's boundary parametrisation, `consistency.py`)."""
+  generator (a consistency model's boundary parametrisation, `consistency.py`).
+
+  adapt: (params, lora_scale) -> `Adapted`: the run's parameters are a fine-tuning
+  tree (`finetune.py`) rather than the network's own; every use (loss, samplers,
+  denoiser, likelihood) goes through it, and the generator takes `lora_scale`.
+
+  A batch with "paired" (data.paired_name: DreamBooth's class images as its second
+  half) is weighted by `prior_preservation` with λ = config.diffusion.prior_weight."""
   space = latent_lib.space(config, info)
   if space is not None and config.superres.low_res:
     raise ValueError("config.superres.low_res with a latent space (config.latent."
@@ -73,9 +103,13 @@ def make(config, info, *, denoiser_wrapper=None) -> Task:
   guided = bool(config.model.guidance_input)  # w is an input (guidance distillation)
   tx, sched = optim.make(config.optim, config.train.num_steps)
 
-  def apply(params, x, t, y, cond, sr=None, **kw):
-    return net.apply({"params": params}, _scaled(path, config, x, t), t, y, cond=sr,
-                     **cond_lib.text_kwargs(text, cond, y, null), **kw)
+  def apply(params, x, t, y, cond, sr=None, lora_scale=1.0, **kw):
+    a = Adapted(params) if adapt is None else adapt(params, lora_scale)
+    with a.text_context():
+      text_kw = cond_lib.text_kwargs(text, cond, y, null, a.text)
+    with a.net_context():
+      return net.apply({"params": a.net}, _scaled(path, config, x, t), t, y, cond=sr,
+                       **text_kw, **kw)
 
   def init(key):
     x = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
@@ -100,21 +134,31 @@ def make(config, info, *, denoiser_wrapper=None) -> Task:
       sr = cond_lib.low_res_condition(config, info, cond_lib.downsample(config, x0), keys)
     model_fn = lambda x, t, y: apply(params, x, t, y, batch, sr, train=True,
                                      rngs={"dropout": ctx.dropout_key})
-    value, _ = losses.loss(config.diffusion, path, model_fn, x0, batch["label"], keys, null)
+    value, per_example = losses.loss(config.diffusion, path, model_fn, x0, batch["label"],
+                                     keys, null)
+    if "paired" in batch:
+      value = prior_preservation(per_example, batch["paired"], config.diffusion.prior_weight)
     return value, ({}, params)
 
   players = (Player(loss=loss, tx=tx, schedule=sched, ema_decay=config.train.ema_decay,
                     mask=optim.trainable(config.optim.trainable)),)
 
-  def sample(*, sampler=None, num_steps=None, guidance=None, strength=1.0, classifier=None):
+  def sample(*, sampler=None, num_steps=None, guidance=None, strength=1.0, classifier=None,
+             lora_scale=None):
     """sample_fn(params, cond, keys [N], classifier_params=None, *, frozen=None) ->
     (images [N,H,W,C] in [-1, 1], NFE); cond as in `conditioning.py`; frozen: the
     latent space's autoencoder parameters (`Generator.frozen`; None: closed over). strength: SDEdit's t₀ (the input is
     noised to t₀ and solved back from there). classifier: (Guide, scale) for
-    classifier guidance, its parameters the last argument of sample_fn. Defaults come
-    from config.sample. CFG applies to class- and text-conditional models. Sample i
-    depends only on keys[i] and the i-th entries of cond."""
+    classifier guidance, its parameters the last argument of sample_fn. lora_scale:
+    the s of a LoRA run's W + (α/r)·s·BA (fine-tuning runs only; default
+    config.sample.lora_scale). Defaults come from config.sample. CFG applies to class-
+    and text-conditional models. Sample i depends only on keys[i] and the i-th entries
+    of cond."""
     s = config.sample
+    if adapt is None and lora_scale is not None:
+      raise ValueError("lora_scale applies to a run with LoRA adapters (config.task="
+                       "'finetune', config.finetune.method='lora')")
+    lora_scale = s.lora_scale if lora_scale is None else lora_scale
     sampler = s.sampler if sampler is None else sampler
     num_steps = s.num_steps if num_steps is None else num_steps
     guidance = s.guidance if guidance is None else guidance
@@ -145,7 +189,7 @@ def make(config, info, *, denoiser_wrapper=None) -> Task:
         # CFG stacks [x, x]: repeat the image conditioning to match.
         c = None if sr is None else jnp.tile(sr, (x.shape[0] // sr.shape[0], 1, 1, 1))
         kw = {"guidance": jnp.full(x.shape[:1], guidance, jnp.float32)} if guided else {}
-        return apply(params, x, t, y, cond, c, **kw)
+        return apply(params, x, t, y, cond, c, lora_scale, **kw)
 
       if cfg_on:
         model_fn = samplers.guidance.classifier_free(model_fn, guidance, null)
@@ -200,7 +244,8 @@ def make(config, info, *, denoiser_wrapper=None) -> Task:
       conditioning=lambda labels, **kw: cond_lib.conditioning(config, pixel_info, labels, **kw),
       grid=lambda: cond_lib.grid_conditioning(config, pixel_info),
       num_classes=cond_lib.sample_classes(config, info), pictures=pixel_info.is_image,
-      frozen=None if space is None else space.params)
+      frozen=None if space is None else space.params,
+      options=Generator.options + (() if adapt is None else ("lora_scale",)))
 
   likelihood = None  # of pixels: not in a latent space
   if not config.superres.low_res and config.text.encoder != "precomputed" and space is None:

@@ -64,17 +64,20 @@ def _flat(config) -> dict:
   return out
 
 
-def check_same(config, teacher_config, teacher_workdir: str) -> None:
-  """Raises naming every key of `SAME` where the run's config differs from its
-  teacher's (config.model.guidance_input and compute-only keys may differ)."""
+def check_same(config, teacher_config, teacher_workdir: str, role: str = "teacher",
+               key: str = "config.distill.teacher", keys=SAME) -> None:
+  """Raises naming every key of `keys` (default `SAME`) where the run's config differs
+  from its teacher's (config.model.guidance_input and compute-only keys may differ);
+  `role` and `key` name the other run in the message (a fine-tuning run's 'base run',
+  config.init.from_workdir)."""
   mine, theirs = _flat(config), _flat(teacher_config)
-  diffs = [f"{k}: teacher has {theirs.get(k)!r}, this run has {mine.get(k)!r}"
+  diffs = [f"{k}: {role} has {theirs.get(k)!r}, this run has {mine.get(k)!r}"
            for k in sorted(set(mine) | set(theirs))
-           if any(k == s or k.startswith(s + ".") for s in SAME)
+           if any(k == s or k.startswith(s + ".") for s in keys)
            and k not in _MAY_DIFFER and mine.get(k) != theirs.get(k)]
   if diffs:
-    raise ValueError(f"the student's config differs from its teacher's "
-                     f"(config.distill.teacher={teacher_workdir}) where they must agree:\n  "
+    raise ValueError(f"this run's config differs from its {role}'s "
+                     f"({key}={teacher_workdir}) where they must agree:\n  "
                      + "\n  ".join(diffs))
 
 
