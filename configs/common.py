@@ -125,3 +125,35 @@ def dcgan_adam(c, lr=2e-4):
   c.optim.warmup_steps = 0
   c.optim.grad_clip = 0.0
   return c
+
+
+# ---- fine-tuning (docs/finetuning.md)
+
+DIGITS_BUT_NINE = (0, 1, 2, 3, 4, 5, 6, 7, 8)
+
+
+def few_digits(c, label=9, count=5, batch_size=10):
+  """Fine-tuning data: the first `count` training digits of class `label` of the
+  embedded digits (data.labels, data.max_examples), repeated, `batch_size` per step."""
+  c.data.labels = (label,)
+  c.data.max_examples = count
+  c.data.batch_size = batch_size
+  return c
+
+
+def finetuning(c, task, method="lora", num_steps=300, lr=1e-3):
+  """Start from the base run named by --config.init.from_workdir: its network under
+  'denoiser' for the finetune task (config.init.map), the task's own new entries
+  (adapters, embeddings, the text encoder) initialised fresh; constant lr without
+  weight decay (frozen rows of a table must not decay), EMA 0.99, a checkpoint (and
+  adapter file) at the end."""
+  c.task = task
+  if task == "finetune":
+    c.finetune.method = method
+    c.init.map = (("^", "denoiser/"),)
+    c.init.rules = (("^(lora|embeddings|text)(/|$)", "init"),)
+  c.optim.update(lr=lr, warmup_steps=0, schedule="constant", weight_decay=0.0)
+  c.train.update(num_steps=num_steps, log_every=50, checkpoint_every=num_steps,
+                 ema_decay=0.99)
+  c.sample.per_class = 8
+  return c

@@ -136,3 +136,15 @@ def report(workdir: str, name: str, results: dict) -> None:
   with open(path, "w") as f:
     json.dump(results, f, indent=2)
   print(json.dumps(results))
+
+
+def adapter_files(specs) -> list[tuple[str, float]]:
+  """[(path, weight), ...] of --adapter FILE[:WEIGHT] flags (weight 1 when absent)."""
+  out = []
+  for spec in specs or ():
+    path, sep, weight = spec.rpartition(":")
+    try:
+      out.append((path, float(weight)) if sep else (spec, 1.0))
+    except ValueError:
+      out.append((spec, 1.0))
+  return out

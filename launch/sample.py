@@ -18,6 +18,11 @@ interpolation strips instead: row r goes from z0 to z1 (drawn from --seed and r)
 label r of --labels (cycled to --num_samples rows): `images` uint8 [R, P, H, W, C] and,
 with --grid, a PNG with one strip per row.
 
+Fine-tuning: --lora_scale=S scales a LoRA run's adapters (0 = the base model);
+--adapter=FILE[:WEIGHT] (repeatable) loads adapter files of fine-tuning runs
+(<workdir>/adapters/<step>.safetensors) onto this run, LoRA adapters composed with their
+weights; prompts may then use the placeholders <v0>… of a textual-inversion file.
+
 Writes `images` (uint8 [N, H, W, C]), `values` (the model's float32 output, e.g. the 2-D
 points of a ring8 GAN) and `labels` (int32 [N]; -1 for unconditional models) to the .npz, and with --grid a PNG beside it. Deterministic for a given seed,
 whatever the number of devices.
@@ -53,6 +58,13 @@ _CLS_SCALE = flags.DEFINE_float("classifier_scale", 1.0, "Classifier guidance sc
 _PROMPTS = flags.DEFINE_multi_string(
     "prompt", None, "Caption(s) of a text-conditional run, cycled to N (repeatable; "
     "default: the digit caption of each label).")
+_ADAPTERS = flags.DEFINE_multi_string(
+    "adapter", None, "FILE[:WEIGHT]: a fine-tuning run's adapter file (<workdir>/adapters/"
+    "<step>.safetensors: LoRA adapters, placeholder embeddings) loaded onto this run; "
+    "repeatable, LoRA adapters compose with their weights (default 1).")
+_LORA_SCALE = flags.DEFINE_float("lora_scale", None, "s of W + (α/r)·s·BA for a LoRA run or "
+                                 "the --adapter files (default: config.sample.lora_scale; "
+                                 "0 = the base model).")
 _INTERPOLATE = flags.DEFINE_enum("interpolate", None, ["linear", "slerp"],
                                  "GAN and VAE runs: latent interpolation strips (see above).")
 _POINTS = flags.DEFINE_integer("interpolation_points", 8, "Images per interpolation strip.")
@@ -127,7 +139,8 @@ def main(argv):
         sampler=_SAMPLER.value, num_steps=_STEPS.value, guidance=_GUIDANCE.value,
         step=_STEP.value, use_ema=not _RAW.value, inputs=inputs, inpaint=inpaint,
         strength=_STRENGTH.value, classifier_workdir=_CLS_WORKDIR.value,
-        classifier_scale=_CLS_SCALE.value, prompts=_PROMPTS.value)
+        classifier_scale=_CLS_SCALE.value, prompts=_PROMPTS.value,
+        adapters=common.adapter_files(_ADAPTERS.value), lora_scale=_LORA_SCALE.value)
   except common.USER_ERRORS as e:
     common.fail(e)
   if jax.process_index() == 0:

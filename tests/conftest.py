@@ -177,3 +177,25 @@ def tiny_teacher(data_dir, tmp_path_factory):
 def distill_config(data_dir: str, teacher: str, task: str, **overrides):
   """`tiny_config` as the student of `teacher` (the same network and path)."""
   return tiny_config(data_dir, **{"task": task, "distill.teacher": teacher, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(data_dir, tmp_path_factory):
+  """A clip run of configs/digits_clip.py trained 10 steps: the text encoder of tiny
+  text-to-image tests (its quality is irrelevant)."""
+  import importlib
+  from diffusion_jax.training import loop
+  c = importlib.import_module("diffusion_jax_configs.digits_clip").get_config()
+  c.data.data_dir = data_dir
+  c.data.batch_size = 16
+  c.train.update(num_steps=10, log_every=5, checkpoint_every=10)
+  workdir = str(tmp_path_factory.mktemp("clip"))
+  loop.train(c, workdir)
+  return workdir
+
+
+def tiny_t2i_config(data_dir: str, clip_workdir: str, **overrides):
+  """`tiny_config` as a caption-only text-to-image U-Net (cross-attention to the
+  tiny clip run's text encoder)."""
+  return tiny_config(data_dir, **{"model.class_conditional": False, "text.encoder": "clip",
+                                  "text.clip_workdir": clip_workdir, **overrides})

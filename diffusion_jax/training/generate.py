@@ -6,6 +6,8 @@ depend on N, the batch padding, or how many devices or hosts run it.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -76,7 +78,8 @@ def generator_of(comp: runs.Component) -> Generator:
 def sample_run(workdir: str, num_samples: int, labels=None, *, seed: int = 0, sampler=None,
                num_steps=None, guidance=None, step=None, use_ema: bool = True, inputs=None,
                inpaint=None, strength: float = 1.0, classifier_workdir: str | None = None,
-               classifier_scale: float = 1.0, prompts=None, mesh=None):
+               classifier_scale: float = 1.0, prompts=None, mesh=None, adapters=(),
+               lora_scale=None):
   """Samples a trained run → (images float [N,H,W,C] in [-1, 1], labels int [N] (−1
   when samples are not conditioned on classes), the run as a `runs.Component`).
   Labels as in `resolve_labels`.
@@ -87,8 +90,19 @@ def sample_run(workdir: str, num_samples: int, labels=None, *, seed: int = 0, sa
   low-resolution input, captions of a text-conditional model). strength: SDEdit's t₀
   (1 = from pure noise). classifier_workdir, classifier_scale: classifier guidance by
   a run that provides a `Guide` (the classifier task) for this run's path and data.
+  adapters: [(adapter file, weight), ...] loaded onto a diffusion run (LoRA adapters
+  composed with their weights, placeholder embeddings: `finetune.attach`); lora_scale:
+  the s of W + (α/r)·s·BA of a LoRA run or of the attached adapters (None: the run's
+  config.sample.lora_scale).
   """
   comp = runs.load(workdir, step=step, params="ema" if use_ema else "raw", mesh=mesh)
+  if adapters:
+    from diffusion_jax.training.tasks import finetune
+    config, params = finetune.attach(comp.config, comp.params, adapters)
+    replicated = jax.sharding.NamedSharding(comp.mesh, jax.sharding.PartitionSpec())
+    params = dict(params, **{k: jax.device_put(v, replicated) for k, v in params.items()
+                             if k != "denoiser"})
+    comp = dataclasses.replace(comp, config=config, params=params)
   gen = generator_of(comp)
   n, ncls = num_samples, gen.num_classes
   classifier, extra = None, ()
@@ -103,7 +117,8 @@ def sample_run(workdir: str, num_samples: int, labels=None, *, seed: int = 0, sa
   labels = resolve_labels(ncls, n, labels)
   cond = gen.conditioning(labels, prompts=prompts, images=inputs, mask=inpaint)
   sample_fn = gen.sample(sampler=sampler, num_steps=num_steps, guidance=guidance,
-                         strength=strength, classifier=classifier)
+                         strength=strength, classifier=classifier,
+                         **({} if lora_scale is None else {"lora_scale": lora_scale}))
   images = generate(compile_sampler(sample_fn, gen.frozen), comp.params, cond,
                     jax.random.key(seed), comp.mesh, *extra)
   if not np.all(np.isfinite(images)):

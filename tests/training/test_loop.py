@@ -156,6 +156,10 @@ _SLOW_CONFIGS = {"cifar10_ddpm.py",      # 35.7M parameters: ~37 s
 # The latent recipes need a latent cache / clip run: tests/test_latent_recipes.py runs
 # each for one step through the command line at a tiny size.
 _OWN_TESTS = {"digits_t2i.py", "imagenet256_dit_xl2.py", "mnist5k_latent_t2i.py",
+              # fine-tuning a text-to-image run (a clip run, a base, class images):
+              # tests/training/test_finetune.py runs them through the command line
+              "digits_finetune.py", "digits_dreambooth.py", "digits_dreambooth_lora.py",
+              "digits_textual_inversion.py",
               # stage two of guidance distillation: its teacher is a stage-one run
               # (tests/training/test_guidance_distillation.py trains both)
               "digits_guided_progressive.py",
@@ -209,6 +213,13 @@ def test_every_config_trains_one_step_and_samples(path, data_dir, tmp_path):
                           "--config.task=diffusion", "--config.model.guidance_input=False",
                           "--config.sample.per_class=0", *extra, *common])
     extra.append(f"--config.distill.teacher={tmp_path / 'teacher'}")
+  if c.task == "finetune" or c.init.map:
+    # Fine-tuning: its base is the same config's network trained as a diffusion run.
+    run_train_in_process([f"--config={path}", f"--workdir={tmp_path / 'base'}",
+                          "--config.task=diffusion", "--config.init.map=()",
+                          "--config.init.rules=()", "--config.optim.trainable=()",
+                          "--config.sample.per_class=0", *extra, *common])
+    extra.append(f"--config.init.from_workdir={tmp_path / 'base'}")
   run_train_in_process([f"--config={path}", f"--workdir={tmp_path}", *extra, *common])
   assert os.listdir(tmp_path / "checkpoints") == ["1"]
   if c.task in ("classifier", "clip", "autoencoder") or name == "ring8":  # no sampler; points

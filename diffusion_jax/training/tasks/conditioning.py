@@ -86,6 +86,9 @@ def text_conditioner(config):
   encoder, L = config.text.encoder, config.text.max_length
   if not encoder:
     return None
+  if config.text.templates:  # the training captions' placeholders need embeddings
+    check_placeholders(config, text_lib.encode(config.text.templates, 1024),
+                       "config.text.templates")
   if encoder == "clip":
     if not config.text.clip_workdir:
       raise ValueError("config.text.encoder='clip' needs config.text.clip_workdir (a "
@@ -151,7 +154,21 @@ def _tokens(config, info, labels, prompts):
                        "digits)")
     prompts = [text_lib.digit_caption(int(y) % 10, 0) for y in labels]
   prompts = [prompts[i % len(prompts)] for i in range(len(labels))]
-  return text_lib.encode(prompts, config.text.max_length)
+  tokens = text_lib.encode(prompts, config.text.max_length)
+  check_placeholders(config, tokens, "the prompts")
+  return tokens
+
+
+def check_placeholders(config, tokens, what: str) -> None:
+  """Placeholder tokens <vj> (data/text.py) in `tokens` need a learned embedding: j <
+  config.finetune.placeholders (a textual-inversion run, or its file attached)."""
+  have = int(config.finetune.placeholders)
+  bad = [text_lib.placeholder(j) for j in text_lib.placeholder_ids(tokens) if j >= have]
+  if bad:
+    raise ValueError(f"{what} use the placeholder token(s) {', '.join(bad)}, but this run "
+                     f"has {have} learned placeholder embedding(s) "
+                     "(config.finetune.placeholders): sample a textual-inversion run, or "
+                     "attach its adapter file (diffusion-jax-sample --adapter=FILE)")
 
 
 # --- super-resolution ---------------------------------------------------------------

@@ -147,8 +147,7 @@ def make(config, info) -> Task:
                     ema_decay=config.train.ema_decay, mask=optim.trainable(_trainable(config))),)
 
   def init(key):
-    if config.init.from_workdir:
-      check_base(config)
+    check_base(config)  # a fine-tuning run starts from its base (the loop's warm start)
     k_net, k_lora, k_text, k_emb = jax.random.split(key, 4)
     net = plain.init(k_net).params
     params = {"denoiser": net}

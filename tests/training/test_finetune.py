@@ -1,0 +1,214 @@
+"""Fine-tuning: LoRA, textual inversion, prior preservation, starting from a run
+(diffusion_jax/training/tasks/finetune.py, training/warmstart.py, nets/adapters.py).
+
+The invariants: only what the method trains changes (frozen parameters bitwise equal
+to the base run's, with no optimizer state), the base run's files are never written, a
+fresh or zero-scaled LoRA model is the base model, merged == unmerged, adapter files
+load onto the base run and give the fine-tuned run's samples, resume is exact.
+"""
+import hashlib
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import (ROOT, assert_trees_equal, run_cli, tiny_config, tiny_t2i_config)
+from diffusion_jax import runs
+from diffusion_jax.data import text as text_lib
+from diffusion_jax.training import generate, loop, step as step_lib, tasks
+from diffusion_jax.training.tasks import finetune
+
+FINETUNE = {"task": "finetune", "init.map": (("^", "denoiser/"),),
+            "init.rules": (("^(lora|embeddings|text)(/|$)", "init"),),
+            "optim.warmup_steps": 0, "optim.schedule": "constant", "optim.lr": 1e-2,
+            "optim.weight_decay": 0.0}
+
+
+def _tree_digest(workdir):
+  """{relative path: sha256} of every file under a run directory."""
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for name in files:
+      p = os.path.join(root, name)
+      with open(p, "rb") as f:
+        out[os.path.relpath(p, workdir)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def _opt_arrays(opt_state, prefix):
+  """Optimizer-state arrays whose path starts with `prefix` (e.g. 'denoiser')."""
+  found = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state):
+    # Dict keys along the path: the partition ('train' | 'frozen'), then the params tree.
+    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    if len(keys) > 1 and keys[1] == prefix and getattr(leaf, "shape", ()) != ():
+      found.append(path)
+  return found
+
+
+def _samples(workdir, n=8, **kw):
+  images, _, _ = generate.sample_run(str(workdir), n, list(range(n)), seed=3, **kw)
+  return np.asarray(images)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_teacher, data_dir, tmp_path_factory):
+  """A 4-step LoRA run on the tiny class-conditional base (and the base's digest)."""
+  before = _tree_digest(tiny_teacher)
+  workdir = str(tmp_path_factory.mktemp("lora"))
+  config = tiny_config(data_dir, **FINETUNE, **{
+      "init.from_workdir": tiny_teacher, "finetune.method": "lora",
+      "finetune.lora_rank": 2, "train.num_steps": 4, "train.checkpoint_every": 2})
+  state = loop.train(config, workdir)
+  return workdir, config, jax.device_get(state), before
+
+
+def test_lora_trains_only_its_adapters_and_never_writes_the_base(lora_run, tiny_teacher):
+  workdir, config, state, before = lora_run
+  assert _tree_digest(tiny_teacher) == before  # the base run's files are untouched
+  base_ema = jax.device_get(runs.load(tiny_teacher, params="ema").params)
+  assert_trees_equal(state.params["denoiser"], base_ema)      # frozen: bitwise
+  assert_trees_equal(state.ema_params["denoiser"], base_ema)  # and its EMA too
+  assert not _opt_arrays(state.opt_state, "denoiser")         # no optimizer state
+  assert _opt_arrays(state.opt_state, "lora")
+  b = [x for p, x in jax.tree_util.tree_leaves_with_path(state.params["lora"])
+       if getattr(p[-1], "key", None) == "b"]
+  assert b and all(np.any(x != 0) for x in b)                 # B moved away from 0
+  # The adapters alone: a small file beside each checkpoint.
+  files = sorted(os.listdir(os.path.join(workdir, "adapters")))
+  assert files == ["2.safetensors", "4.safetensors"]
+  adapter_bytes = os.path.getsize(os.path.join(workdir, "adapters", "4.safetensors"))
+  ckpt_bytes = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in
+                   os.walk(os.path.join(workdir, "checkpoints", "4")) for f in fs)
+  assert adapter_bytes * 10 < ckpt_bytes
+
+
+def test_lora_resume_is_exact(lora_run, tiny_teacher, data_dir, tmp_path):
+  """2 steps, then 2 more in the same workdir == the module's 4-step run, bitwise."""
+  _, config, state, _ = lora_run
+  two = config.copy_and_resolve_references()
+  two.train.num_steps = 2
+  loop.train(two, str(tmp_path))
+  resumed = jax.device_get(loop.train(config, str(tmp_path)))
+  assert_trees_equal(resumed.params, state.params)
+  assert_trees_equal(resumed.ema_params, state.ema_params)
+
+
+def test_lora_scale_zero_is_the_base_and_merged_equals_unmerged(lora_run, tiny_teacher):
+  workdir, config, state, _ = lora_run
+  base = _samples(tiny_teacher)
+  np.testing.assert_array_equal(_samples(workdir, lora_scale=0.0), base)
+  adapted = _samples(workdir)
+  assert np.max(np.abs(adapted - base)) > 1e-3  # the adapters do something
+  # Merged into the base weights, sampled as a plain diffusion run.
+  comp = runs.load(workdir)
+  merged = finetune.merged(config, comp.params)
+  base_comp = runs.load(tiny_teacher)
+  gen = tasks.make(base_comp.config, base_comp.info).generator
+  cond = gen.conditioning(np.arange(8) % 10)
+  fn = generate.compile_sampler(gen.sample())
+  images = generate.generate(fn, merged, cond, jax.random.key(3), base_comp.mesh)
+  np.testing.assert_allclose(np.asarray(images), adapted, atol=2e-5)
+
+
+def test_adapter_files_load_onto_the_base_and_compose(lora_run, tiny_teacher):
+  workdir, _, _, _ = lora_run
+  path = os.path.join(workdir, "adapters", "4.safetensors")
+  adapted = _samples(workdir)
+  np.testing.assert_allclose(_samples(tiny_teacher, adapters=[(path, 1.0)]), adapted,
+                             atol=2e-5)
+  # Two halves compose to the whole; a zero weight is the base.
+  np.testing.assert_allclose(
+      _samples(tiny_teacher, adapters=[(path, 0.5), (path, 0.5)]), adapted, atol=2e-5)
+  np.testing.assert_allclose(_samples(tiny_teacher, adapters=[(path, 0.0)]),
+                             _samples(tiny_teacher), atol=1e-6)
+  # lora_scale scales attached adapters as it scales the run's own.
+  np.testing.assert_allclose(_samples(tiny_teacher, adapters=[(path, 1.0)], lora_scale=0.5),
+                             _samples(workdir, lora_scale=0.5), atol=2e-5)
+
+
+def test_adapters_refuse_another_architecture(lora_run, data_dir, tmp_path):
+  workdir, _, _, _ = lora_run
+  other = tiny_config(data_dir, **{"model.channels": 16, "train.num_steps": 1,
+                                   "train.checkpoint_every": 1, "sample.per_class": 0})
+  loop.train(other, str(tmp_path))
+  with pytest.raises(ValueError, match="another architecture: config.model differs in "
+                                       r"\['channels'\]"):
+    _samples(tmp_path, adapters=[(os.path.join(workdir, "adapters", "4.safetensors"), 1.0)])
+
+
+def test_finetune_needs_its_base_and_names_missing_rules(tiny_teacher, data_dir, tmp_path):
+  config = tiny_config(data_dir, **{**FINETUNE, "train.num_steps": 1})
+  with pytest.raises(ValueError, match="needs config.init.from_workdir"):
+    loop.train(config, str(tmp_path / "a"))
+  config = tiny_config(data_dir, **{**FINETUNE, "init.rules": (), "train.num_steps": 1,
+                                    "init.from_workdir": tiny_teacher})
+  with pytest.raises(ValueError, match=r"lora/denoiser/\S+/a .*: not in the base run"):
+    loop.train(config, str(tmp_path / "b"))
+  config = tiny_config(data_dir, **{**FINETUNE, "train.num_steps": 1, "model.channels": 16,
+                                    "init.from_workdir": tiny_teacher})
+  with pytest.raises(ValueError, match="model.channels: base run has 8, this run has 16"):
+    loop.train(config, str(tmp_path / "c"))
+  assert not os.path.exists(tmp_path / "c" / "checkpoints" / "1")
+
+
+def test_prior_preservation_is_instance_plus_lambda_prior(tiny_teacher, data_dir):
+  """The paired batch's loss equals the instance half's loss + λ × the class half's,
+  each computed alone with the same per-example keys (Ruiz et al. 2023, eq. 2)."""
+  config = tiny_config(data_dir, **{"diffusion.prior_weight": 0.7})
+  comp = runs.load(tiny_teacher)
+  task = tasks.make(config, comp.info)
+  player = task.players[0]
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.uniform(-1, 1, (8, 8, 8, 1)), jnp.float32),
+           "label": jnp.asarray(rng.integers(0, 10, 8), jnp.int32)}
+  paired = dict(batch, paired=jnp.asarray([0, 0, 0, 0, 1, 1, 1, 1], jnp.int32))
+  keys = step_lib.example_keys(jax.random.key(1), 8)
+  ctx = step_lib.StepContext(step=jnp.zeros((), jnp.int32), update=0,
+                             dropout_key=jax.random.key(2), axis_name=None, state=None)
+  loss = jax.jit(lambda b, k: player.loss(comp.params, b, k, ctx)[0])
+  half = lambda b, s: {k: v[s] for k, v in b.items()}
+  inst = loss(half(batch, slice(0, 4)), keys[:4])
+  prior = loss(half(batch, slice(4, 8)), keys[4:])
+  np.testing.assert_allclose(loss(paired, keys), inst + 0.7 * prior, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def t2i_base(tiny_clip, data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("t2i"))
+  loop.train(tiny_t2i_config(data_dir, tiny_clip, **{"train.num_steps": 4}), workdir)
+  return workdir
+
+
+def test_textual_inversion_changes_only_the_placeholder_row(t2i_base, tiny_clip, data_dir,
+                                                            tmp_path):
+  config = tiny_t2i_config(data_dir, tiny_clip, **FINETUNE, **{
+      "init.from_workdir": t2i_base, "finetune.method": "textual_inversion",
+      "finetune.placeholders": 2, "finetune.initializer": "digit",
+      "text.templates": ("a handwritten <v>", "the digit <v>"), "data.labels": (9,),
+      "data.max_examples": 5, "train.num_steps": 3, "train.checkpoint_every": 3})
+  state = jax.device_get(loop.train(config, str(tmp_path)))
+  base = jax.device_get(runs.load(t2i_base).params)
+  assert_trees_equal(state.params["denoiser"], base)
+  assert set(state.params) == {"denoiser", "embeddings"}
+  emb = state.params["embeddings"]
+  # Started from the mean embedding of "digit"'s byte tokens; only <v0> was in captions.
+  table = jax.device_get(runs.load(tiny_clip).params)["text"]["token_embedding"]["embedding"]
+  start = table[text_lib.encode(["digit"], 7)[0][1:-1]].mean(0)
+  np.testing.assert_allclose(emb[1], start, rtol=1e-6)
+  assert np.max(np.abs(emb[0] - start)) > 1e-4
+  assert not _opt_arrays(state.opt_state, "denoiser")
+  # The learned token in a prompt, through the command line, onto the base run.
+  out = tmp_path / "v.npz"
+  adapter = tmp_path / "adapters" / "3.safetensors"
+  run_cli("sample", [f"--workdir={t2i_base}", f"--output={out}", "--num_samples=4",
+                     f"--adapter={adapter}", "--prompt=a handwritten <v>"])
+  with np.load(out) as f:
+    assert f["images"].shape == (4, 8, 8, 1)
+  # A placeholder without a learned embedding is an error naming it.
+  proc = run_cli("sample", [f"--workdir={t2i_base}", f"--output={out}", "--num_samples=2",
+                            "--prompt=a handwritten <v>"], check=False)
+  assert proc.returncode != 0 and "<v0>" in proc.stderr
