@@ -52,6 +52,13 @@ def base() -> ml_collections.ConfigDict:
   c.data.image_size = 0                   # 0: native size; else center-crop + resize
   c.data.num_threads = 0                  # grain read threads (0: main thread)
   c.data.prefetch = 2
+  # A subset of data.name (any dataset with labels): keep the examples whose label is in
+  # `labels` (() = all), then the first `max_examples` of those in stored order (0 = all).
+  c.data.labels = ()
+  c.data.max_examples = 0
+  # A second dataset (e.g. DreamBooth's class images, Ruiz et al. 2023): every process's
+  # batch is half data.name, half this, with "paired" 0 / 1 ('' = off).
+  c.data.paired_name = ""
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "unet"
@@ -89,6 +96,9 @@ def base() -> ml_collections.ConfigDict:
   c.text.encoder = ""                     # diffusion conditioning: '' | clip | precomputed
   c.text.clip_workdir = config_dict.placeholder(str)  # a clip run (encoder='clip'; frozen)
   c.text.embedding_feature = "text_embedding"  # encoder='precomputed': dataset feature [M, D]
+  # Caption templates of label-captioned datasets (the embedded digits), with the optional
+  # fields {name} ("seven") and {number} ("7"), e.g. ('a handwritten <v>',); () = text.TEMPLATES.
+  c.text.templates = ()
 
   # The CLIP task (config.task='clip'): text transformer + ViT, contrastive loss.
   c.clip = ml_collections.ConfigDict()
@@ -440,9 +450,34 @@ def validate(config) -> None:
   if not 0 <= config.diffusion.label_dropout < 1:
     raise ValueError(f"config.diffusion.label_dropout={config.diffusion.label_dropout} "
                      "must be in [0, 1)")
+  _validate_data_subsets(config)
   if config.diffusion.time_sampling == "discrete" and config.diffusion.path != "vp_discrete":
     raise ValueError("config.diffusion.time_sampling='discrete' needs "
                      "config.diffusion.path='vp_discrete'")
+
+
+def _validate_data_subsets(config) -> None:
+  """data.labels, data.max_examples, data.paired_name and text.templates (each against
+  its dataset when the pipeline opens it)."""
+  d = config.data
+  labels = d.labels
+  if not isinstance(labels, (tuple, list)) or not all(
+      isinstance(y, int) and not isinstance(y, bool) and y >= 0 for y in labels):
+    raise ValueError(f"config.data.labels={labels!r} must be a tuple of class indices >= 0 "
+                     "(() = all)")
+  if d.max_examples < 0:
+    raise ValueError(f"config.data.max_examples={d.max_examples} must be >= 0 (0 = all)")
+  if not isinstance(d.paired_name, str):
+    raise ValueError(f"config.data.paired_name={d.paired_name!r} must be a dataset name or "
+                     "path ('' = off)")
+  if d.paired_name and d.batch_size % 2:
+    raise ValueError(f"config.data.batch_size={d.batch_size} must be even with "
+                     f"config.data.paired_name={d.paired_name!r} (half of every batch "
+                     "comes from each dataset)")
+  templates = config.text.templates
+  if not isinstance(templates, (tuple, list)) or not all(isinstance(t, str) for t in templates):
+    raise ValueError(f"config.text.templates={templates!r} must be a tuple of strings "
+                     "(() = data.text.TEMPLATES)")
 
 
 def to_json(config) -> str:

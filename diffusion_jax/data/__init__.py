@@ -1,5 +1,6 @@
-"""Image datasets: TFDS builders, the deterministic grain input pipeline, and latent
-caches (`latents`: a split encoded once by a frozen autoencoder)."""
+"""Image datasets: TFDS builders, the deterministic grain input pipeline, latent
+caches (`latents`: a split encoded once by a frozen autoencoder) and few-image
+datasets (`images`: a folder of pictures or an .npz written as a dataset)."""
 
 from diffusion_jax.data.builders import EMBEDDED, prepare
 from diffusion_jax.data.pipeline import (
@@ -17,7 +18,7 @@ from diffusion_jax.data.pipeline import (
     text_options,
     to_model_image,
 )
-from diffusion_jax.data import latents
+from diffusion_jax.data import images, latents
 
 __all__ = [
     "EMBEDDED",
@@ -26,6 +27,7 @@ __all__ = [
     "TextOptions",
     "features",
     "get_source",
+    "images",
     "is_path",
     "latent_info",
     "pictures",

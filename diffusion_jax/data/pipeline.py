@@ -21,7 +21,24 @@ of the flipped image is taken where the image pipeline would flip (the same draw
 
 `config.data.name` is a TFDS name looked up in config.data.data_dir, or a path (absolute,
 or starting with ./, ../ or ~, or a URI) of a prepared dataset's directory (the one
-holding dataset_info.json), opened as it is; data.data_dir is then unused.
+holding dataset_info.json, e.g. one written by `data/images.py`), opened as it is;
+data.data_dir is then unused.
+
+Subsets (any dataset with labels, latent caches included): config.data.labels keeps the
+examples whose label is in it, then config.data.max_examples the first k of those in
+the split's stored order (`get_source(..., labels=, max_examples=)`); the indices are a
+function of the dataset alone, so every process keeps the same ones. Labels keep their
+meaning (`DatasetInfo.num_classes` is the dataset's); `num_examples` is the kept count.
+
+Paired batches (config.data.paired_name; DreamBooth's prior preservation, Ruiz et al.
+2023, eq. 2): a second dataset with its own shuffle and augmentation seeds, the same
+preprocessing and text options. Every process's batch of b_local = batch_size //
+process_count is b_local/2 examples of data.name (exactly the stream a run of
+batch_size/2 without paired_name reads) followed by b_local/2 of data.paired_name, each
+stream cut between processes as above, and "paired" int32 [b_local] says which (0, 1);
+data.split, image_size and random_flip apply to both, the subset keys to data.name only.
+The global batch is then the processes' batches in order: the same examples for any
+process count, in an order that interleaves the two datasets by process.
 """
 
 from __future__ import annotations
@@ -29,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -130,21 +148,27 @@ class TextOptions:
       embedded digit datasets, whose captions come from their labels.
     embedding_feature: config.text.embedding_feature when config.text.encoder ==
       'precomputed' (passed through as "text_embedding" float32), else None.
+    templates: the caption templates of label-captioned datasets (config.text.templates;
+      format fields {name} / {number}, both optional); () = `text.TEMPLATES`.
   """
 
   max_length: int
   feature: str = "caption"
   embedding_feature: str | None = None
+  templates: tuple[str, ...] = ()
 
 
 def text_options(config: Any) -> TextOptions:
   """The TextOptions of a full config's `text` section (a task whose batches carry
   text asks for them: `Task.text`)."""
+  templates = tuple(getattr(config.text, "templates", ()) or ())
+  text_lib.check_templates(templates)
   return TextOptions(
       max_length=int(config.text.max_length),
       feature=config.text.feature,
       embedding_feature=(config.text.embedding_feature
                          if config.text.encoder == "precomputed" else None),
+      templates=templates,
   )
 
 
@@ -152,6 +176,7 @@ def _check_text_features(name: str, data_dir: str | None, text: TextOptions) -> 
   """Raises unless dataset `name` has the features `text` needs. Returns True when
   captions come from labels (the embedded digit datasets, and their latent caches)."""
   text_lib.encode([""], text.max_length)  # validates max_length, naming the key
+  text_lib.check_templates(text.templates)
   builder = _open_builder(name, data_dir)
   from_labels = _label_captions(name, builder)
   features = builder.info.features
@@ -171,7 +196,9 @@ def _check_text_features(name: str, data_dir: str | None, text: TextOptions) -> 
 def _caption_tokens(element, label, rng, text: TextOptions, from_labels: bool):
   """Tokens int32 [max_length] of one element's caption."""
   if from_labels:
-    caption = text_lib.digit_caption(label, text_lib.choose_template(rng))
+    templates = text.templates or None
+    caption = text_lib.digit_caption(label, text_lib.choose_template(rng, templates),
+                                     templates)
   else:
     caption = element[text.feature]
     if isinstance(caption, np.ndarray):
@@ -303,12 +330,78 @@ def _latent_source(name: str, builder, split: str, image_size: int | None):
   return source, info
 
 
+class _Subset:
+  """The examples `indices` of a random-access source, as a random-access source."""
+
+  def __init__(self, source, indices: Sequence[int]):
+    self._source, self._indices = source, np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, i):
+    return self._source[int(self._indices[i])]
+
+
+_SCAN_CHUNK = 1024  # examples per read of a label scan
+
+
+def _label_indices(builder, split: str, keep: tuple[int, ...], max_examples: int) -> list[int]:
+  """Indices (stored order) of the examples of `split` whose label is in `keep`, at most
+  max_examples (0: all). Reads the labels only: every other feature's decoding is
+  skipped (an encoded image stays bytes)."""
+  features = builder.info.features
+  skip = {k: tfds.decode.SkipDecoding() for k in features.keys() if k != "label"}
+  source = builder.as_data_source(split=split, decoders=skip)
+  wanted, found = set(keep), []
+  for start in range(0, len(source), _SCAN_CHUNK):
+    rows = range(start, min(len(source), start + _SCAN_CHUNK))
+    for i, element in zip(rows, source.__getitems__(list(rows))):
+      if int(element["label"]) in wanted:
+        found.append(i)
+        if len(found) == max_examples:
+          return found
+  return found
+
+
+def _subset(name: str, builder, split: str, source, info: DatasetInfo,
+            labels: Sequence[int], max_examples: int) -> tuple[Any, DatasetInfo]:
+  """(source, info) restricted to config.data.labels / config.data.max_examples."""
+  try:
+    keep = tuple(int(y) for y in (labels or ()))
+    max_examples = int(max_examples or 0)
+  except (TypeError, ValueError):
+    raise ValueError(f"config.data.labels={labels!r} must be a tuple of class indices and "
+                     f"config.data.max_examples={max_examples!r} an integer") from None
+  if max_examples < 0:
+    raise ValueError(f"config.data.max_examples={max_examples} must be >= 0 (0: all)")
+  if not keep and not max_examples:
+    return source, info
+  if keep:
+    if not info.num_classes:
+      raise ValueError(f"config.data.labels={keep}: dataset {name!r} has no labels (no "
+                       "ClassLabel 'label' feature); set config.data.labels=()")
+    bad = [y for y in keep if not 0 <= y < info.num_classes]
+    if bad:
+      raise ValueError(f"config.data.labels={keep}: {bad} not in 0..{info.num_classes - 1} "
+                       f"(the classes of dataset {name!r})")
+    indices = _label_indices(builder, split, keep, max_examples)
+  else:
+    indices = list(range(min(max_examples, len(source))))
+  if not indices:
+    raise ValueError(f"config.data.labels={keep} / config.data.max_examples={max_examples}: "
+                     f"no example of dataset {name!r}, split {split!r} is kept")
+  return _Subset(source, indices), dataclasses.replace(info, num_examples=len(indices))
+
+
 def get_source(
     name: str,
     split: str,
     data_dir: str | os.PathLike | None = None,
     *,
     image_size: int | None = None,
+    labels: Sequence[int] = (),
+    max_examples: int = 0,
 ) -> tuple[Any, DatasetInfo]:
   """Opens a random-access source over a prepared TFDS split.
 
@@ -321,17 +414,28 @@ def get_source(
     data_dir: TFDS data dir; None means TFDS's default (`TFDS_DATA_DIR` or
       ~/tensorflow_datasets).
     image_size: if set, `info.image_shape` is (image_size, image_size, C).
+    labels: config.data.labels: keep only the examples with these labels (() = all).
+    max_examples: config.data.max_examples: keep the first k examples (in stored
+      order, after the label filter; 0 = all).
 
   Returns:
     (source, info): `source[i]` is a dict of numpy arrays with at least
     "image" (uint8 [H,W,C], or float32 values); of a latent cache (info.kind ==
     "latents") "mean" and "std" (and "flip_mean", "flip_std" when info.latents.flips)
-    [h, w, c] instead.
+    [h, w, c] instead. With a filter, `source` holds the kept examples in stored order
+    and `info.num_examples` counts them (`info.num_classes` stays the dataset's).
   """
   data_dir = None if data_dir is None else os.fspath(data_dir)
   builder = _open_builder(name, data_dir)
   if _latent_metadata(builder) is not None:
-    return _latent_source(name, builder, split, image_size)
+    source, info = _latent_source(name, builder, split, image_size)
+  else:
+    source, info = _image_source(name, builder, split, image_size)
+  return _subset(name, builder, split, source, info, labels, max_examples)
+
+
+def _image_source(name: str, builder, split: str, image_size: int | None):
+  """(source, DatasetInfo) of a dataset with an "image" feature."""
   features = builder.info.features
   if "image" not in features:
     hint = (" It has 'mean' and 'std' features but no latent-cache metadata (metadata.json "
@@ -442,19 +546,70 @@ def _preprocess_latents(
   return _add_text(out, element, rng, text, captions_from_labels)
 
 
-def _derive_seeds(seed: int) -> tuple[int, int]:
-  """(shuffle seed, augmentation seed), both uint32, from one user seed.
+def _derive_seeds(seed: int, stream: int = 0) -> tuple[int, int]:
+  """(shuffle seed, augmentation seed), both uint32, from one user seed (and the
+  stream: 0 for data.name, 1 for data.paired_name).
 
   grain shuffles epoch e with seed + e, so raw seeds s and s + 1 would share
   whole epochs; hashing the seed first keeps nearby seeds unrelated.
   """
-  shuffle_seed, augment_seed = np.random.SeedSequence(seed).generate_state(2)
+  entropy = seed if stream == 0 else (seed, stream)
+  shuffle_seed, augment_seed = np.random.SeedSequence(entropy).generate_state(2)
   return int(shuffle_seed), int(augment_seed)
 
 
 def _get(config: Any, key: str, default: Any) -> Any:
   value = getattr(config, key, default)
   return default if value is None else value
+
+
+def _element_stream(data_config: Any, name: str, *, seed: int, stream: int,
+                    text: TextOptions | None, labels: Sequence[int] = (),
+                    max_examples: int = 0) -> tuple[grain.MapDataset, DatasetInfo]:
+  """The infinite, preprocessed element stream of dataset `name` (with data_config's
+  split, data_dir, image_size, random_flip): index i is the i-th element of the global
+  stream. Returns (stream, info)."""
+  image_size = _get(data_config, "image_size", 0) or None
+  data_dir = _get(data_config, "data_dir", None)
+  source, info = get_source(name, _get(data_config, "split", "train"), data_dir,
+                            image_size=image_size, labels=labels, max_examples=max_examples)
+  from_labels = text is not None and _check_text_features(name, data_dir, text)
+  shuffle_seed, augment_seed = _derive_seeds(seed, stream)
+  random_flip = bool(_get(data_config, "random_flip", False))
+  if info.kind == "latents":
+    if random_flip and not info.latents.flips:
+      raise ValueError(
+          f"config.data.random_flip=True: the latent cache {name!r} stores no "
+          "flipped posteriors (it was encoded without --flips); set "
+          "config.data.random_flip=False or re-encode with diffusion-jax-encode --flips")
+    preprocess = functools.partial(_preprocess_latents, random_flip=random_flip)
+  else:
+    preprocess = functools.partial(_preprocess, image_size=image_size,
+                                   random_flip=random_flip)
+  preprocess = functools.partial(
+      preprocess,
+      conditional=info.num_classes > 0,
+      text=text,
+      captions_from_labels=from_labels,
+  )
+  # A MapDataset shuffle indexed past its length (via repeat) uses a new permutation per
+  # epoch, and random_map seeds each element's rng by (augment_seed, i).
+  ds = (
+      grain.MapDataset.source(source)
+      .shuffle(seed=shuffle_seed)
+      .repeat()
+      .random_map(preprocess, seed=augment_seed)
+  )
+  return ds, info
+
+
+def _join_halves(pair: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """{k: [2, b, ...]} (data.name's b examples, then data.paired_name's) → {k: [2b, ...]}
+  and "paired" int32 [2b] (0, then 1)."""
+  out = {k: v.reshape((-1,) + v.shape[2:]) for k, v in pair.items()}
+  half = next(iter(pair.values())).shape[1]
+  out["paired"] = np.repeat(np.arange(2, dtype=np.int32), half)
+  return out
 
 
 def make_train_iterator(
@@ -470,7 +625,9 @@ def make_train_iterator(
   Args:
     data_config: attribute object (e.g. ConfigDict) with `name`, `data_dir`,
       `split` ("train"), `batch_size` (global), `random_flip` (False),
-      `image_size` (0 = native), `num_threads` (0 = main thread), `prefetch`.
+      `image_size` (0 = native), `num_threads` (0 = main thread), `prefetch`,
+      and optionally `labels` (()), `max_examples` (0): the subset of data.name
+      (`get_source`), and `paired_name` (""): the second dataset of paired batches.
     seed: fixes the shuffle order and augmentation; identical on all processes.
     process_index, process_count: default to jax.process_index()/count().
     text: `text_options(config)`; None: no text in the batches.
@@ -484,7 +641,9 @@ def make_train_iterator(
     boundaries. A latent cache (info.kind == "latents") yields {"mean", "std":
     float32 [b_local,h,w,c], "label"} (+ text) instead of "image": the posterior
     N(mean, std²) of each example's raw latent, of its flipped image where the image
-    pipeline would flip it (random_flip needs a cache written with flips).
+    pipeline would flip it (random_flip needs a cache written with flips). With
+    paired_name, rows [:b_local/2] are data.name's, rows [b_local/2:] paired_name's
+    (each dataset's own labels and captions), and "paired" int32 [b_local] is 0 / 1.
   """
   if process_index is None:
     process_index = jax.process_index()
@@ -498,45 +657,36 @@ def make_train_iterator(
     )
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
-  image_size = _get(data_config, "image_size", 0) or None
-  source, info = get_source(
-      data_config.name,
-      _get(data_config, "split", "train"),
-      _get(data_config, "data_dir", None),
-      image_size=image_size,
-  )
-  from_labels = (text is not None and _check_text_features(
-      data_config.name, _get(data_config, "data_dir", None), text))
-  shuffle_seed, augment_seed = _derive_seeds(seed)
-  random_flip = bool(_get(data_config, "random_flip", False))
-  if info.kind == "latents":
-    if random_flip and not info.latents.flips:
-      raise ValueError(
-          f"config.data.random_flip=True: the latent cache {data_config.name!r} stores no "
-          "flipped posteriors (it was encoded without --flips); set "
-          "config.data.random_flip=False or re-encode with diffusion-jax-encode --flips")
-    preprocess = functools.partial(_preprocess_latents, random_flip=random_flip)
-  else:
-    preprocess = functools.partial(_preprocess, image_size=image_size,
-                                   random_flip=random_flip)
-  preprocess = functools.partial(
-      preprocess,
-      conditional=info.num_classes > 0,
-      text=text,
-      captions_from_labels=from_labels,
-  )
   local_batch = batch_size // process_count
-  # Index i of `ds` below is the i-th element of the global stream: a
-  # MapDataset shuffle indexed past its length (via repeat) uses a new
-  # permutation per epoch, and random_map seeds each element's rng by
-  # (augment_seed, i). Only then is the stream split between processes.
-  ds = (
-      grain.MapDataset.source(source)
-      .shuffle(seed=shuffle_seed)
-      .repeat()
-      .random_map(preprocess, seed=augment_seed)
-      .batch(local_batch, drop_remainder=True)
-  )[process_index::process_count]
+  paired_name = _get(data_config, "paired_name", "")
+  if paired_name and local_batch % 2:
+    raise ValueError(
+        f"config.data.batch_size={batch_size} / {process_count} process(es) = {local_batch} "
+        f"must be even with config.data.paired_name={paired_name!r} (half of every "
+        "process's batch comes from each dataset)")
+  ds, info = _element_stream(
+      data_config, data_config.name, seed=seed, stream=0, text=text,
+      labels=_get(data_config, "labels", ()),
+      max_examples=_get(data_config, "max_examples", 0))
+  if paired_name:
+    paired, paired_info = _element_stream(data_config, paired_name, seed=seed, stream=1,
+                                          text=text)
+    if (paired_info.image_shape, paired_info.kind) != (info.image_shape, info.kind):
+      raise ValueError(
+          f"config.data.name={data_config.name!r} gives {info.kind} of shape "
+          f"{info.image_shape}, but config.data.paired_name={paired_name!r} gives "
+          f"{paired_info.kind} of shape {paired_info.image_shape}: paired batches need one "
+          "shape (set config.data.image_size, or write the paired dataset at that size)")
+    half = local_batch // 2
+    # Pair k is (data.name's half-batch k, paired_name's half-batch k): each stream is
+    # cut into half-batches and dealt to the processes as an unpaired stream would be.
+    ds = (grain.MapDataset.mix([ds.batch(half, drop_remainder=True),
+                                paired.batch(half, drop_remainder=True)])
+          .batch(2, drop_remainder=True)
+          .map(_join_halves))
+  else:
+    ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds[process_index::process_count]
   read_options = grain.ReadOptions(
       num_threads=_get(data_config, "num_threads", 0),
       prefetch_buffer_size=_get(data_config, "prefetch", 0),
@@ -550,14 +700,20 @@ def load_arrays(
     data_dir: str | os.PathLike | None = None,
     *,
     image_size: int | None = None,
+    labels: Sequence[int] = (),
+    max_examples: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
   """A whole (small) split in memory, in the split's stored order.
+
+  labels, max_examples: the subset to keep (config.data.labels, .max_examples;
+  `get_source`); by default every example.
 
   Returns:
     images: float32 [N,H,W,C] in [-1, 1] (resized if image_size).
     labels: int32 [N]; zeros for unconditional datasets.
   """
-  source, info = get_source(name, split, data_dir, image_size=image_size)
+  source, info = get_source(name, split, data_dir, image_size=image_size, labels=labels,
+                            max_examples=max_examples)
   _refuse_latents(name, info)
   elements = [source[i] for i in range(len(source))]
   images = np.stack([to_model_image(e["image"], image_size) for e in elements])
@@ -575,12 +731,15 @@ def load_text_arrays(
     text: TextOptions,
     image_size: int | None = None,
     seed: int = 0,
+    labels: Sequence[int] = (),
+    max_examples: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """A whole (small) split with its captions, for evaluation (e.g. CLIP retrieval).
 
   Captions are the dataset's `text.feature`, or for the embedded digit datasets made
-  from the labels with template indices drawn from `seed` (a fixed seed gives the
-  same captions; all templates appear).
+  from the labels with template indices (into `text.templates`, default
+  `text.TEMPLATES`) drawn from `seed` (a fixed seed gives the same captions; all
+  templates appear). labels, max_examples: the subset to keep, as for `load_arrays`.
 
   Returns:
     images: float32 [N,H,W,C] in [-1, 1]; labels: int32 [N] (zeros for unconditional
@@ -588,7 +747,8 @@ def load_text_arrays(
   """
   data_dir = None if data_dir is None else os.fspath(data_dir)
   from_labels = _check_text_features(name, data_dir, text)
-  source, info = get_source(name, split, data_dir, image_size=image_size)
+  source, info = get_source(name, split, data_dir, image_size=image_size, labels=labels,
+                            max_examples=max_examples)
   _refuse_latents(name, info)
   elements = [source[i] for i in range(len(source))]
   images = np.stack([to_model_image(e["image"], image_size) for e in elements])
@@ -596,9 +756,10 @@ def load_text_arrays(
       [e["label"] if info.num_classes else 0 for e in elements], np.int32
   )
   if from_labels:
+    texts = text.templates or text_lib.TEMPLATES
     rng = np.random.default_rng(np.random.SeedSequence(seed))
-    templates = rng.integers(len(text_lib.TEMPLATES), size=len(elements))
-    captions = text_lib.digit_captions(labels, templates)
+    templates = rng.integers(len(texts), size=len(elements))
+    captions = text_lib.digit_captions(labels, templates, texts)
   else:
     captions = [e[text.feature] for e in elements]
     captions = [c.item() if isinstance(c, np.ndarray) else c for c in captions]

@@ -60,9 +60,12 @@ class _Preemption:
 
 
 def dataset_info(config):
-  """DatasetInfo of config.data (image shape after the configured resize)."""
+  """DatasetInfo of config.data (image shape after the configured resize; the examples
+  kept by data.labels / data.max_examples)."""
   _, info = data.get_source(config.data.name, config.data.split, config.data.data_dir,
-                            image_size=config.data.image_size or None)
+                            image_size=config.data.image_size or None,
+                            labels=tuple(config.data.labels),
+                            max_examples=config.data.max_examples)
   return info
 
 

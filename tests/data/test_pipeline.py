@@ -264,3 +264,134 @@ def test_external_prepared_dataset_with_crop_and_resize(tmp_path):
   assert batch["image"].shape == (4, 5, 5, 3)
   assert batch["label"].dtype == np.int32 and not batch["label"].any()
   assert "tensorflow" not in sys.modules
+
+
+# ---- label filter and subset (config.data.labels, config.data.max_examples)
+
+
+def test_label_filter_and_subset(data_dir):
+  """labels=(9,), max_examples=5 keeps exactly the first five 9s of the split (in
+  stored order); labels keep their meaning, num_examples counts the kept ones."""
+  images, labels = data.load_arrays("sklearn_digits", "train", data_dir)
+  first_nines = np.flatnonzero(labels == 9)[:5]
+  x, y = data.load_arrays("sklearn_digits", "train", data_dir, labels=(9,), max_examples=5)
+  np.testing.assert_array_equal(x, images[first_nines])
+  np.testing.assert_array_equal(y, [9] * 5)
+  _, info = data.get_source("sklearn_digits", "train", data_dir, labels=(9,), max_examples=5)
+  assert info == data.DatasetInfo((8, 8, 1), 10, 5, label_captions=True)
+  x, y = data.load_arrays("sklearn_digits", "train", data_dir, labels=(3, 9))
+  np.testing.assert_array_equal(x, images[(labels == 3) | (labels == 9)])
+  x, _ = data.load_arrays("sklearn_digits", "train", data_dir, max_examples=4)
+  np.testing.assert_array_equal(x, images[:4])
+  # The training stream: every batch of 5 is those five 9s (one epoch each), reshuffled.
+  config = _config(data_dir, batch_size=5, labels=(9,), max_examples=5)
+  key = lambda a: sorted(map(bytes, a.reshape(len(a), -1).astype(np.float32)))
+  batches = _take(data.make_train_iterator(config, seed=0), 3)
+  for batch in batches:
+    assert key(batch["image"]) == key(images[first_nines])
+    np.testing.assert_array_equal(batch["label"], [9] * 5)
+  assert len({tuple(b["image"][:, 4, 4, 0]) for b in batches}) > 1
+  # Same indices on every process: two processes' halves are the one-process batch.
+  config = _config(data_dir, batch_size=4, labels=(2, 5), max_examples=30)
+  single = next(data.make_train_iterator(config, seed=1, process_index=0, process_count=1))
+  halves = [next(data.make_train_iterator(config, seed=1, process_index=p, process_count=2))
+            for p in range(2)]
+  np.testing.assert_array_equal(single["image"], np.concatenate([h["image"] for h in halves]))
+  assert set(single["label"].tolist()) <= {2, 5}
+
+
+def test_label_filter_errors_name_the_key(data_dir, tmp_path):
+  with pytest.raises(ValueError, match=r"config.data.labels=\(10,\).*not in 0..9"):
+    data.get_source("sklearn_digits", "train", data_dir, labels=(10,))
+  with pytest.raises(ValueError, match="config.data.max_examples=-1"):
+    data.get_source("sklearn_digits", "train", data_dir, max_examples=-1)
+  _ToyPng(data_dir=tmp_path, file_format="array_record").download_and_prepare()
+  with pytest.raises(ValueError, match=r"config.data.labels=\(0,\).*'toy_png' has no labels"):
+    data.get_source("toy_png", "train", tmp_path, labels=(0,), image_size=5)
+  _, info = data.get_source("toy_png", "train", tmp_path, max_examples=2, image_size=5)
+  assert info.num_examples == 2  # a subset needs no labels
+  npz = tmp_path / "two_classes.npz"
+  np.savez(npz, images=np.zeros((4, 8, 8, 1), np.uint8), labels=np.array([0, 1, 0, 1]))
+  path = str(tmp_path / "two_classes")
+  data.images.write(npz, path, num_classes=3)
+  with pytest.raises(ValueError, match=r"config.data.labels=\(2,\).*no example.*is kept"):
+    next(data.make_train_iterator(_config(None, name=path, batch_size=2, labels=(2,)), seed=0))
+
+
+# ---- paired batches (config.data.paired_name)
+
+
+@pytest.fixture(scope="module")
+def class_images(tmp_path_factory):
+  """A few-image dataset shaped like the digits: 12 class images "a digit" with
+  constant pixels 10·i (as diffusion-jax-sample of an unconditional model writes)."""
+  d = tmp_path_factory.mktemp("class_images")
+  npz = d / "samples.npz"
+  images = np.stack([np.full((8, 8, 1), 10 * i, np.uint8) for i in range(12)])
+  np.savez(npz, images=images, labels=np.full(12, -1, np.int32),
+           values=images.astype(np.float32) / 127.5 - 1)
+  data.images.write(npz, d / "dataset", caption="a digit")
+  return str(d / "dataset")
+
+
+def test_paired_batches(data_dir, class_images):
+  """First half of every process's batch is data.name's (exactly the stream of a run
+  with half the batch), second half paired_name's; "paired" says which."""
+  text = data.TextOptions(max_length=32, templates=("a sks digit",))
+  config = _config(data_dir, batch_size=8, labels=(9,), max_examples=5,
+                   paired_name=class_images)
+  batches = _take(data.make_train_iterator(config, seed=3, text=text), 4)
+  alone = _take(data.make_train_iterator(
+      _config(data_dir, batch_size=4, labels=(9,), max_examples=5), seed=3, text=text), 4)
+  images, _ = data.load_arrays("sklearn_digits", "train", data_dir, labels=(9,), max_examples=5)
+  class_pixels = set()
+  for batch, first in zip(batches, alone):
+    assert batch["image"].shape == (8, 8, 8, 1)
+    np.testing.assert_array_equal(batch["paired"], [0, 0, 0, 0, 1, 1, 1, 1])
+    assert batch["paired"].dtype == np.int32
+    for k in ("image", "label", "tokens"):
+      np.testing.assert_array_equal(batch[k][:4], first[k])
+    assert data.text.decode(batch["tokens"]) == ["a sks digit"] * 4 + ["a digit"] * 4
+    second = batch["image"][4:]
+    assert np.all(second == second[:, :1, :1])  # constant images: the class images
+    class_pixels |= set(np.round((second[:, 0, 0, 0] + 1) * 127.5).astype(int).tolist())
+    np.testing.assert_array_equal(batch["label"][4:], 0)  # unlabelled
+  assert class_pixels == set(range(0, 120, 10))  # 16 draws: a whole epoch of the 12
+  assert all(any(np.array_equal(x, y) for y in images) for b in batches for x in b["image"][:4])
+  # Without paired_name: no "paired" key, batches as before.
+  assert "paired" not in alone[0]
+  # Two processes: each takes its own halves of both streams.
+  halves = [next(data.make_train_iterator(config, seed=3, text=text, process_index=p,
+                                          process_count=2)) for p in range(2)]
+  np.testing.assert_array_equal(np.concatenate([h["image"][:2] for h in halves]),
+                                batches[0]["image"][:4])
+  np.testing.assert_array_equal(halves[0]["paired"], [0, 0, 1, 1])
+
+
+def test_paired_state_resumes_exactly(data_dir, class_images):
+  config = _config(data_dir, batch_size=8, paired_name=class_images, num_threads=2, prefetch=2)
+  it = data.make_train_iterator(config, seed=5)
+  _take(it, 3)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = _take(it, 2)
+  resumed = data.make_train_iterator(config, seed=5)
+  resumed.set_state(state)
+  got = _take(resumed, 2)
+  _assert_same_batches(got, expected)
+  for a, b in zip(got, expected):
+    np.testing.assert_array_equal(a["paired"], b["paired"])
+
+
+def test_paired_errors(data_dir, class_images, tmp_path):
+  with pytest.raises(ValueError, match="config.data.batch_size=6 / 2 process.*even.*paired_name"):
+    data.make_train_iterator(_config(data_dir, batch_size=6, paired_name=class_images),
+                             seed=0, process_index=0, process_count=2)
+  npz = tmp_path / "small.npz"
+  np.savez(npz, images=np.zeros((2, 6, 6, 1), np.uint8))
+  data.images.write(npz, tmp_path / "small")
+  with pytest.raises(ValueError, match=r"config.data.name='sklearn_digits'.*\(8, 8, 1\).*"
+                     r"config.data.paired_name=.*small.*\(6, 6, 1\)"):
+    data.make_train_iterator(_config(data_dir, paired_name=str(tmp_path / "small")), seed=0)
+  with pytest.raises(ValueError, match="config.text.feature='caption'.*small"):
+    data.make_train_iterator(_config(data_dir, paired_name=str(tmp_path / "small")), seed=0,
+                             text=data.TextOptions(32))

@@ -165,3 +165,66 @@ def test_tfds_string_feature_and_precomputed_embeddings(tmp_path, data_dir):
     data.make_train_iterator(_config(data_dir), seed=0,
                              text=data.TextOptions(16, embedding_feature="text_embedding"))
   assert "tensorflow" not in sys.modules
+
+
+def test_placeholder_tokens():
+  """<v0> … <v7> (and <v> = <v0>) are one token each, 259 + j, beyond the byte
+  vocabulary; decode writes them back; cutting counts them as one token."""
+  assert text.NUM_PLACEHOLDERS == 8 and text.VOCAB_SIZE == 259
+  assert [text.placeholder(j) for j in (0, 7)] == ["<v0>", "<v7>"]
+  with pytest.raises(ValueError, match="placeholder 8"):
+    text.placeholder(8)
+  row = text.encode(["a <v> b"], 16)[0]
+  np.testing.assert_array_equal(
+      row[:7], [text.BOS, ord("a") + 3, ord(" ") + 3, 259, ord(" ") + 3, ord("b") + 3, text.EOS])
+  captions = ["a photo of <v3> and <v0>", "<v7>", "no placeholder", "<v8> <v 1> <V1>", "é<v5>"]
+  tokens = text.encode(captions, 32)
+  assert text.decode(tokens) == captions  # <v8>, <v 1>, <V1> are plain bytes
+  assert text.decode(text.encode(["the <v> digit"], 32)) == ["the <v0> digit"]
+  for j in range(8):
+    ids = text.encode([f"x{text.placeholder(j)}y"], 8)[0]
+    np.testing.assert_array_equal(ids[:5], [text.BOS, ord("x") + 3, 259 + j, ord("y") + 3,
+                                            text.EOS])
+  assert text.placeholder_ids(tokens) == [0, 3, 5, 7]
+  assert text.placeholder_ids(text.encode(["plain"], 8)) == []
+  assert text.encode([b"raw <v2>"], 16)[0, 5] == 261  # bytes (a Text feature) too
+  # A cut keeps a placeholder whole or drops it, and still ends with EOS.
+  cut = text.encode(["abcde<v1>fgh", "abcdef<v1>"], 8)
+  np.testing.assert_array_equal(cut[0], [1, *(np.frombuffer(b"abcde", np.uint8) + 3), 260, 2])
+  np.testing.assert_array_equal(cut[1], [1, *(np.frombuffer(b"abcdef", np.uint8) + 3), 2])
+  assert text.decode(cut) == ["abcde<v1>", "abcdef"]
+
+
+def test_templates():
+  """config.text.templates replaces TEMPLATES for label captions; fields optional."""
+  assert text.digit_caption(3, 0, ("a handwritten <v>",)) == "a handwritten <v>"
+  assert text.digit_caption(3, 5, ("{number} is {name}", "x")) == "x"  # index wraps
+  assert text.digit_caption(3, 0, ("{number} is {name}",)) == "3 is three"
+  text.check_templates(("a <v>", "{name}", "{{literal}} {number}"))
+  for bad, match in ((("{label}",), "field"), (("{",), "format string"), ("a <v>", "tuple"),
+                     ((1,), "not a string")):
+    with pytest.raises(ValueError, match=f"config.text.templates.*{match}"):
+      text.check_templates(bad)
+  c = base()
+  c.text.templates = ("a handwritten <v>", "the digit <v>")
+  assert data.text_options(c).templates == ("a handwritten <v>", "the digit <v>")
+  c.text.templates = ("{label}",)
+  with pytest.raises(ValueError, match="config.text.templates"):
+    data.text_options(c)
+
+
+def test_batches_use_the_configured_templates(data_dir):
+  templates = ("a handwritten <v>", "the digit {number} <v1>")
+  opts = data.TextOptions(max_length=32, templates=templates)
+  config = _config(data_dir)
+  batch = next(data.make_train_iterator(config, seed=0, text=opts))
+  plain = next(data.make_train_iterator(config, seed=0, text=TEXT))
+  np.testing.assert_array_equal(batch["image"], plain["image"])
+  captions = text.decode(batch["tokens"])
+  expected = [{"a handwritten <v0>", f"the digit {y} <v1>"} for y in batch["label"]]
+  assert all(c in e for c, e in zip(captions, expected))
+  assert len(set(c.split()[0] for c in captions)) == 2  # both templates drawn
+  assert text.placeholder_ids(batch["tokens"]) == [0, 1]
+  _, labels, tokens = data.load_text_arrays("sklearn_digits", "test", data_dir, text=opts)
+  assert all(c in {"a handwritten <v0>", f"the digit {y} <v1>"}
+             for c, y in zip(text.decode(tokens), labels))

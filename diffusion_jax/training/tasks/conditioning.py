@@ -105,8 +105,10 @@ def text_conditioner(config):
                 else jnp.where(null[:, None], empty, tokens.astype(jnp.int32)))
       feats, mask, pooled = text.encode(params if text_params is None else text_params,
                                         tokens)
-      return dict(text=jax.lax.stop_gradient(feats), text_mask=mask,
-                  text_pooled=jax.lax.stop_gradient(pooled))
+      # No stop_gradient: a frozen encoder's parameters are constants (nothing flows to
+      # them), while a fine-tuning run's trained text parts (LoRA, placeholder rows,
+      # `text_params`) get their gradients through here.
+      return dict(text=feats, text_mask=mask, text_pooled=pooled)
     return encode
 
   def precomputed(cond, null, text_params=None):

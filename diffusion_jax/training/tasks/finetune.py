@@ -253,7 +253,8 @@ def attach(config, params, files):
       mine = json.loads(config_lib.to_json(config[section]))
       theirs = json.loads(meta[section])
       diffs = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)
-                     and f"{section}.{k}" not in config_lib.COMPUTE_ONLY_KEYS)
+                     and f"{section}.{k}" not in config_lib.COMPUTE_ONLY_KEYS
+                     and (section == "model" or f"text.{k}" in SAME))
       if diffs:
         raise ValueError(f"adapter {path} was trained on another architecture: config."
                          f"{section} differs in {diffs}")
