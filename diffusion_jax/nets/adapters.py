@@ -69,7 +69,8 @@ def lora_targets(apply_fn, params, patterns: Sequence[str]) -> dict[str, tuple]:
   """{module path: (kernel shape, input axes)} of the Dense / DenseGeneral / Conv
   layers that `apply_fn()` (a closure applying the network to example inputs, traced
   abstractly, nothing computed) calls and whose path re.search-es one of `patterns`;
-  `params`: the network's parameters (for the kernels' shapes). A pattern that
+  `params`: the network's parameters (for the kernels' shapes; layers without a kernel
+  there belong to another network the call runs, and are skipped). A pattern that
   matches no layer is an error naming it and listing the layer paths."""
   compiled = [(p, re.compile(p)) for p in patterns]
   if not compiled:
@@ -91,9 +92,11 @@ def lora_targets(apply_fn, params, patterns: Sequence[str]) -> dict[str, tuple]:
   if unused:
     raise ValueError(f"LoRA target pattern(s) {unused} match no Dense / DenseGeneral / "
                      f"Conv layer; the network's layers are {sorted(set(seen))}")
+  # Layers of other networks that apply_fn also calls (a text encoder run inside a
+  # denoiser's call) have no kernel in `params`: they are not this network's.
   flat = traverse_util.flatten_dict(params, sep="/")
   return {path: (tuple(flat[path + "/kernel"].shape), n_in)
-          for path, n_in in sorted(found.items())}
+          for path, n_in in sorted(found.items()) if path + "/kernel" in flat}
 
 
 def by_layer(adapters) -> dict:

@@ -212,3 +212,85 @@ def test_textual_inversion_changes_only_the_placeholder_row(t2i_base, tiny_clip,
   proc = run_cli("sample", [f"--workdir={t2i_base}", f"--output={out}", "--num_samples=2",
                             "--prompt=a handwritten <v>"], check=False)
   assert proc.returncode != 0 and "<v0>" in proc.stderr
+
+
+def test_text_encoder_lora_and_full_text_encoder_training(t2i_base, tiny_clip, data_dir,
+                                                          tmp_path):
+  """LoRA with train_text_encoder adapts the clip text encoder too (its own weights stay
+  the clip run's constants); method 'full' with train_text_encoder trains the text
+  tower's weights (in the state) but leaves the vision tower as it was."""
+  common = dict(FINETUNE, **{"init.from_workdir": t2i_base, "train.num_steps": 2,
+                             "train.checkpoint_every": 2, "sample.per_class": 0,
+                             "finetune.train_text_encoder": True})
+  lora = jax.device_get(loop.train(tiny_t2i_config(data_dir, tiny_clip, **common, **{
+      "finetune.method": "lora"}), str(tmp_path / "lora")))
+  text_b = [x for p, x in jax.tree_util.tree_leaves_with_path(lora.params["lora"]["text"])
+            if getattr(p[-1], "key", None) == "b"]
+  assert text_b and all(np.any(x != 0) for x in text_b)
+  assert "text" not in lora.params
+  full = jax.device_get(loop.train(tiny_t2i_config(data_dir, tiny_clip, **common, **{
+      "finetune.method": "full"}), str(tmp_path / "full")))
+  clip = jax.device_get(runs.load(tiny_clip).params)
+  assert_trees_equal(full.params["text"]["vision"], clip["vision"])
+  assert np.any(full.params["text"]["text"]["token_embedding"]["embedding"]
+                != clip["text"]["token_embedding"]["embedding"])
+  base = jax.device_get(runs.load(t2i_base).params)
+  assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(full.params["denoiser"]),
+                                            jax.tree.leaves(base)))
+
+
+@pytest.mark.slow  # a DiT base + its LoRA run (~40 s); the U-Net tests hold the invariants
+def test_dit_lora_is_the_base_when_fresh_and_trains(data_dir, tmp_path):
+  dit = {"model.name": "dit", "model.hidden_size": 32, "model.depth": 2,
+         "model.num_heads": 2, "model.patch_size": 2, "sample.per_class": 0}
+  base = str(tmp_path / "base")
+  loop.train(tiny_config(data_dir, **dit, **{"train.num_steps": 2}), base)
+  fresh = str(tmp_path / "fresh")
+  config = tiny_config(data_dir, **dit, **{**FINETUNE, **{
+      "init.from_workdir": base, "finetune.method": "lora", "optim.lr": 0.0,
+      "train.num_steps": 1, "train.checkpoint_every": 1}})
+  state = jax.device_get(loop.train(config, fresh))
+  assert set(finetune.adapters_lib.by_layer(state.params["lora"]["denoiser"])) == {
+      f"blocks_{i}/attn/{p}" for i in range(2) for p in ("qkv", "proj")}
+  np.testing.assert_array_equal(_samples(fresh), _samples(base))  # lr 0: B stays 0
+
+
+def test_dreambooth_lora_and_textual_inversion_through_the_command_line(tiny_clip, data_dir,
+                                                                        tmp_path):
+  """The shipped configs at the tiny size, every step a command: a text-to-image base of
+  configs/digits_t2i.py; class images drawn by it (diffusion-jax-sample) and written as a
+  dataset (diffusion-jax-images); DreamBooth-LoRA with prior preservation on the first
+  five 9s; sampling its adapter file onto the base (lora_scale 0 = the base, bitwise);
+  textual inversion, then its <v> in a prompt."""
+  from conftest import TINY_FLAGS, run_train_in_process
+  tiny = [f"--config.data.data_dir={data_dir}", f"--config.text.clip_workdir={tiny_clip}",
+          *TINY_FLAGS]
+  base = tmp_path / "base"
+  run_train_in_process([f"--config={ROOT}/configs/digits_t2i.py", f"--workdir={base}", *tiny,
+                        "--config.train.num_steps=2", "--config.sample.per_class=0",
+                        "--config.data.labels=(0,1,2,3,4,5,6,7,8)"])
+  run_cli("sample", [f"--workdir={base}", "--num_samples=6", "--prompt=a digit",
+                     f"--output={tmp_path / 'class.npz'}"])
+  run_cli("images", [f"--input={tmp_path / 'class.npz'}", "--caption=a digit",
+                     f"--output={tmp_path / 'class'}"])
+  lora = tmp_path / "lora"
+  run_train_in_process([f"--config={ROOT}/configs/digits_dreambooth_lora.py",
+                        f"--workdir={lora}", *tiny, f"--config.init.from_workdir={base}",
+                        f"--config.data.paired_name={tmp_path / 'class'}",
+                        "--config.train.num_steps=2", "--config.optim.lr=0.05"])
+  assert os.listdir(lora / "adapters") == ["2.safetensors"]
+  out = lambda name: str(tmp_path / f"{name}.npz")
+  args = ["--num_samples=4", "--prompt=a sks digit"]
+  run_cli("sample", [f"--workdir={base}", f"--output={out('base')}", *args])
+  run_cli("sample", [f"--workdir={base}", f"--output={out('zero')}", *args,
+                     f"--adapter={lora / 'adapters' / '2.safetensors'}", "--lora_scale=0"])
+  run_cli("sample", [f"--workdir={lora}", f"--output={out('lora')}", *args])
+  images = {k: np.load(out(k))["images"] for k in ("base", "zero", "lora")}
+  np.testing.assert_array_equal(images["zero"], images["base"])
+  assert np.any(images["lora"] != images["base"])
+  ti = tmp_path / "ti"
+  run_train_in_process([f"--config={ROOT}/configs/digits_textual_inversion.py",
+                        f"--workdir={ti}", *tiny, f"--config.init.from_workdir={base}",
+                        "--config.train.num_steps=2"])
+  run_cli("sample", [f"--workdir={ti}", f"--output={out('ti')}", "--num_samples=4",
+                     "--prompt=a handwritten <v>"])
