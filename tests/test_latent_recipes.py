@@ -76,16 +76,22 @@ def test_t2i_recipe_builds_text_only():
 
 
 @pytest.fixture(scope="module")
-def latent_cache(data_dir, tmp_path_factory):
-  """A 1-step autoencoder run on the digits at 16×16 (f = 2, 4 latent channels) and the
-  latent cache of 64 training images with flips, written as diffusion-jax-encode does
-  (`latents.write_split` with `latent.load_autoencoder`)."""
+def autoencoder_run(data_dir, tmp_path_factory):
+  """A 1-step autoencoder run on the digits at 16×16 (f = 2, 4 latent channels)."""
   ae = str(tmp_path_factory.mktemp("ae"))
   loop.train(tiny_config(data_dir, **{
       "task": "autoencoder", "data.image_size": 16, "autoencoder.channels": (8, 16),
       "autoencoder.norm_groups": 4, "autoencoder.latent_channels": 4,
       "autoencoder.disc_weight": 0.0, "model.class_conditional": False,
       "train.num_steps": 1, "sample.per_class": 0}), ae)
+  return ae
+
+
+@pytest.fixture(scope="module")
+def latent_cache(autoencoder_run, data_dir, tmp_path_factory):
+  """The latent cache of 64 training images with flips by `autoencoder_run`, written as
+  diffusion-jax-encode does (`latents.write_split` with `latent.load_autoencoder`)."""
+  ae = autoencoder_run
   mesh = parallel.make_mesh(config_lib.base().mesh)
   autoencoder, params = latent.load_autoencoder(ae, mesh=mesh)
   out = str(tmp_path_factory.mktemp("latents") / "digits16_ae")
@@ -154,3 +160,37 @@ def test_t2i_recipe_trains_one_step_on_a_latent_cache(latent_cache, clip_run, tm
           c.diffusion.path, c.latent.scale) == (1, False, "clip", clip_run, "flow", None)
   task = tasks.make(c, loop.dataset_info(c))
   assert task.text is not None and task.generator.pictures
+
+
+DREAMBOOTH = os.path.join(ROOT, "configs", "t2i256_dreambooth_lora.py")
+
+
+@pytest.mark.slow  # a base step + a DreamBooth-LoRA step of the latent DiT (~40 s)
+def test_t2i256_dreambooth_lora_recipe_trains_one_step(autoencoder_run, clip_run, data_dir,
+                                                       tmp_path):
+  """The accelerator recipe, shrunk in the model, the batch and the image size (16² digits,
+  the 1-step autoencoder encoding them in the step, text.max_length 32 for the digits'
+  clip run): one step of a base with its network (task=diffusion), then one step of the
+  recipe itself from it — LoRA on the attention projections, prior preservation on
+  paired batches, its optimizer — writing its adapter file."""
+  from diffusion_jax_configs import t2i256_dreambooth_lora as recipe
+  c = recipe.get_config()
+  config_lib.validate(c)
+  assert (c.task, c.finetune.method, c.finetune.lora_rank, c.optim.lr, c.optim.warmup_steps,
+          c.optim.weight_decay, c.data.batch_size, c.diffusion.prior_weight,
+          c.train.num_steps) == ("finetune", "lora", 4, 5e-4, 500, 1e-2, 8, 1.0, 500)
+  shrink = [f"--config.data.data_dir={data_dir}", "--config.data.name=sklearn_digits",
+            "--config.data.paired_name=sklearn_digits", "--config.data.image_size=16",
+            f"--config.latent.autoencoder={autoencoder_run}", "--config.latent.preset=",
+            f"--config.text.clip_workdir={clip_run}", "--config.text.max_length=32",
+            *ONE_STEP, "--config.model.variant="]
+  base = str(tmp_path / "base")
+  run_train_in_process([f"--config={DREAMBOOTH}", f"--workdir={base}", *shrink,
+                        "--config.task=diffusion", "--config.init.map=()",
+                        "--config.init.rules=()", "--config.data.paired_name=",
+                        "--config.sample.per_class=0"])
+  w = str(tmp_path / "lora")
+  run_train_in_process([f"--config={DREAMBOOTH}", f"--workdir={w}", *shrink,
+                        f"--config.init.from_workdir={base}"])
+  _assert_one_step(w)
+  assert os.listdir(os.path.join(w, "adapters")) == ["1.safetensors"]
