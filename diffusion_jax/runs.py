@@ -6,8 +6,8 @@ parameters asked for, restored with their shardings onto a given mesh.
 
 One function serves every place a run serves another — the clip text encoder of
 text-to-image, the guiding classifier, evaluation's feature networks, the models that
-`diffusion-jax-sample` and `-evaluate` read, and the next families' frozen
-autoencoder, distillation teacher and fine-tuning base. It reads only what the
+`diffusion-jax-sample` and `-evaluate` read, the frozen autoencoder of latent
+diffusion, a distillation teacher and a fine-tuning base (`config.init`). It reads only what the
 checkpoint says about itself (config, dataset info, array metadata), so it needs
 neither the config file, nor the dataset, nor the task's code, and it restores only
 the parameters asked for: never the optimizer state, which may be absent, large, or
