@@ -294,3 +294,16 @@ def test_dreambooth_lora_and_textual_inversion_through_the_command_line(tiny_cli
                         "--config.train.num_steps=2"])
   run_cli("sample", [f"--workdir={ti}", f"--output={out('ti')}", "--num_samples=4",
                      "--prompt=a handwritten <v>"])
+
+
+@pytest.mark.slow  # 8 == 1 is held by default tests for the generic step; this is LoRA + pairs
+def test_paired_lora_run_on_8_devices_equals_1(tiny_teacher, data_dir, tmp_path):
+  """A DreamBooth-LoRA-shaped run (paired batches, prior weighting) gives the same state
+  on 8 devices as on 1: the prior-preservation loss is a plain per-example mean."""
+  config = tiny_config(data_dir, **FINETUNE, **{
+      "init.from_workdir": tiny_teacher, "finetune.method": "lora", "train.num_steps": 2,
+      "train.checkpoint_every": 2, "sample.per_class": 0, "data.paired_name": "sklearn_digits",
+      "data.labels": (9,), "data.max_examples": 5, "diffusion.prior_weight": 0.5})
+  one = jax.device_get(loop.train(config, str(tmp_path / "one"), devices=jax.devices()[:1]))
+  eight = jax.device_get(loop.train(config, str(tmp_path / "eight")))
+  assert_trees_equal(eight.params, one.params, rtol=1e-5, atol=1e-6)
