@@ -95,8 +95,13 @@ def lora_targets(apply_fn, params, patterns: Sequence[str]) -> dict[str, tuple]:
   # Layers of other networks that apply_fn also calls (a text encoder run inside a
   # denoiser's call) have no kernel in `params`: they are not this network's.
   flat = traverse_util.flatten_dict(params, sep="/")
-  return {path: (tuple(flat[path + "/kernel"].shape), n_in)
-          for path, n_in in sorted(found.items()) if path + "/kernel" in flat}
+  return {path: (tuple(flat[_kernel(path)].shape), n_in)
+          for path, n_in in sorted(found.items()) if _kernel(path) in flat}
+
+
+def _kernel(path: str) -> str:
+  """The kernel's path of the layer at module path `path` ('' : the network itself)."""
+  return f"{path}/kernel" if path else "kernel"
 
 
 def by_layer(adapters) -> dict:
@@ -104,7 +109,7 @@ def by_layer(adapters) -> dict:
   parameters: {"SelfAttention2D_0": {"qkv": {"a", "b"}}})."""
   out = {}
   for path, value in traverse_util.flatten_dict(dict(adapters), sep="/").items():
-    layer, name = path.rsplit("/", 1)
+    layer, _, name = path.rpartition("/")
     out.setdefault(layer, {})[name] = value
   return out
 
@@ -112,7 +117,8 @@ def by_layer(adapters) -> dict:
 def nested(layers: Mapping[str, Mapping]) -> dict:
   """The adapter tree of {module path: {"a", "b"}} (inverse of `by_layer`)."""
   return traverse_util.unflatten_dict(
-      {f"{layer}/{name}": v for layer, ab in layers.items() for name, v in ab.items()},
+      {f"{layer}/{name}" if layer else name: v for layer, ab in layers.items()
+       for name, v in ab.items()},
       sep="/")
 
 
@@ -183,14 +189,14 @@ def lora_merge(params, adapters: Mapping[str, Mapping], factor):
   An adapter whose layer is not in `params`, or of another shape, is an error."""
   flat = traverse_util.flatten_dict(params, sep="/")
   for path, adapter in by_layer(adapters).items():
-    kernel = flat.get(path + "/kernel")
+    kernel = flat.get(_kernel(path))
     if kernel is None:
       raise ValueError(f"LoRA adapter for {path!r}: the network has no layer there")
     delta = _delta(adapter)
     if delta.shape != kernel.shape:
       raise ValueError(f"LoRA adapter for {path!r} has weight shape {delta.shape}; the "
                        f"layer's kernel is {kernel.shape}")
-    flat[path + "/kernel"] = (kernel + factor * delta).astype(kernel.dtype)
+    flat[_kernel(path)] = (kernel + factor * delta).astype(kernel.dtype)
   return traverse_util.unflatten_dict(flat, sep="/")
 
 

@@ -86,6 +86,9 @@ def merge(fresh, base, *, mapping=(), rules=()):
     mapped = path
     for pattern, replacement in mapping:
       mapped = re.sub(pattern, replacement, mapped)
+    if mapped in old:
+      raise ValueError(f"config.init.map sends both {old[mapped][0]} and {path} of the base "
+                       f"run to {mapped}")
     old[mapped] = (path, value)
   problems, out = [], {}
   for path, value in new.items():
