@@ -62,3 +62,18 @@ measure textual_inversion_file --workdir="$OUT/t2i_no9" "${V[@]}" \
 { du -b "$OUT"/db_lora/adapters/300.safetensors "$OUT"/ti/adapters/400.safetensors
   du -sb "$OUT"/db_lora/checkpoints/300 "$OUT"/ti/checkpoints/400 "$OUT"/t2i_no9/checkpoints/600
 } > "$OUT/sizes.txt"
+
+# Textual inversion's control: the same method on a base that saw every digit (it can
+# only find what its frozen model already draws).
+timed t2i_all $T --config=digits_t2i --workdir="$OUT/t2i_all" $CLIP
+timed textual_inversion_all $T --config=digits_textual_inversion --workdir="$OUT/ti_all" $CLIP \
+    --config.init.from_workdir="$OUT/t2i_all"
+measure textual_inversion_all --workdir="$OUT/ti_all" "${V[@]}"
+
+# A class-conditional base (the quickstart's model, 9s held out) taught class 9 by LoRA +
+# the class table (configs/digits_lora.py).
+timed quickstart_no9 $T --config=quickstart --workdir="$OUT/qs_no9" "$NO9"
+measure quickstart_no9 --workdir="$OUT/qs_no9"
+timed lora_class $T --config=digits_lora --workdir="$OUT/lora_class" \
+    --config.init.from_workdir="$OUT/qs_no9"
+measure lora_class --workdir="$OUT/lora_class"

@@ -307,3 +307,23 @@ def test_paired_lora_run_on_8_devices_equals_1(tiny_teacher, data_dir, tmp_path)
   one = jax.device_get(loop.train(config, str(tmp_path / "one"), devices=jax.devices()[:1]))
   eight = jax.device_get(loop.train(config, str(tmp_path / "eight")))
   assert_trees_equal(eight.params, one.params, rtol=1e-5, atol=1e-6)
+
+
+def test_a_trainable_class_table_changes_only_the_rows_it_sees(tiny_teacher, data_dir,
+                                                               tmp_path):
+  """configs/digits_lora.py's subset: LoRA plus the class table, trained on 9s only.
+  Rows of labels never in a batch get zero gradients, so Adam (no weight decay) leaves
+  them bit for bit; row 9 and the ∅ row (label dropout) move."""
+  config = tiny_config(data_dir, **FINETUNE, **{
+      "init.from_workdir": tiny_teacher, "finetune.method": "lora", "train.num_steps": 2,
+      "train.checkpoint_every": 2, "sample.per_class": 0, "data.labels": (9,),
+      "data.max_examples": 5, "optim.trainable": ("^lora/", "^denoiser/Embed_0/")})
+  state = jax.device_get(loop.train(config, str(tmp_path)))
+  old = jax.device_get(runs.load(tiny_teacher).params)["Embed_0"]["embedding"]
+  new = state.params["denoiser"]["Embed_0"]["embedding"]
+  np.testing.assert_array_equal(new[:9], old[:9])
+  assert np.any(new[9] != old[9]) and np.any(new[10] != old[10])
+  rest = {k: v for k, v in state.params["denoiser"].items() if k != "Embed_0"}
+  base = {k: v for k, v in jax.device_get(runs.load(tiny_teacher).params).items()
+          if k != "Embed_0"}
+  assert_trees_equal(rest, base)

@@ -140,8 +140,14 @@ def make(config, info) -> Task:
     return diffusion.Adapted(net=params["denoiser"], text=params.get("text"),
                              net_context=net_context, text_context=text_context)
 
-  base = diffusion.make(config, info, adapt=adapt)
-  plain = diffusion.make(config, info)  # the base network alone: its init and layers
+  # The diffusion task of the run's config; config.optim.trainable names paths of the
+  # fine-tuning tree (this task's players), not of the network alone.
+  inner = config_lib.from_json(config_lib.to_json(config))
+  inner.unlock()
+  inner.optim.trainable = ()
+  inner.lock()
+  base = diffusion.make(inner, info, adapt=adapt)
+  plain = diffusion.make(inner, info)  # the base network alone: its init and layers
   tx, sched = optim.make(config.optim, config.train.num_steps, patterns=_trainable(config))
   players = (Player(loss=base.players[0].loss, tx=tx, schedule=sched,
                     ema_decay=config.train.ema_decay, mask=optim.trainable(_trainable(config))),)
