@@ -21,8 +21,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from diffusion_jax.nets import (autoencoder, classifier, dit, gan, inception, layers, lpips,
-                                torch_weights, unet, vae, vgg)
+from diffusion_jax.nets import (adapters, autoencoder, classifier, dit, gan, inception, layers,
+                                lpips, torch_weights, unet, vae, vgg)
 from diffusion_jax.nets.classifier import Classifier
 from diffusion_jax.nets.dit import DiT
 from diffusion_jax.nets.unet import UNet
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
   from diffusion_jax.nets import clip
 
-__all__ = ["DTYPES", "Classifier", "DiT", "UNet", "autoencoder", "build_classifier",
+__all__ = ["DTYPES", "Classifier", "DiT", "UNet", "adapters", "autoencoder", "build_classifier",
            "build_denoiser", "build_dit", "classifier", "clip", "dit", "dit_size", "dtype",
            "gan", "inception", "layers", "lpips", "torch_weights", "unet", "unet_options",
            "vae", "vgg"]

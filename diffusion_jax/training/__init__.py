@@ -9,12 +9,13 @@ loop, sharded generation, and the tasks (one per model family).
 
 Modules: `state` (TrainState, EMA), `optim` (optax from config.optim, trainable
 subsets), `step` (the generic step), `loop` (the generic loop), `generate` (sharded
-sampling of N examples), `tasks` (the task protocol and the tasks).
+sampling of N examples), `warmstart` (starting from another run's parameters,
+config.init), `tasks` (the task protocol and the tasks).
 """
-from diffusion_jax.training import generate, loop, optim, state, step, tasks
+from diffusion_jax.training import generate, loop, optim, state, step, tasks, warmstart
 from diffusion_jax.training.loop import train
 from diffusion_jax.training.state import TrainState, ema_update, init_state
 from diffusion_jax.training.step import make_train_step
 
 __all__ = ["TrainState", "ema_update", "generate", "init_state", "loop", "make_train_step",
-           "optim", "state", "step", "tasks", "train"]
+           "optim", "state", "step", "tasks", "train", "warmstart"]

@@ -101,7 +101,8 @@ def merge(fresh, base, *, mapping=(), rules=()):
       continue
     source, prior = old[path]
     if tuple(prior.shape) == tuple(value.shape) and rule != "init":
-      out[path] = jnp.asarray(prior, value.dtype)
+      # jax Arrays stay on their devices (a sharded base is never gathered to a host).
+      out[path] = prior if prior.dtype == value.dtype else prior.astype(value.dtype)
     elif rule == "init":
       out[path] = value
     elif rule is not None and rule.startswith("grow"):
@@ -135,16 +136,19 @@ def apply(config, state, mesh, shardings):
   if not c.from_workdir:
     return state
   comp = runs.load(c.from_workdir, step=c.step, params=c.params, mesh=mesh)
-  params = merge(jax.device_get(state.params), jax.device_get(comp.params),
-                 mapping=tuple(tuple(m) for m in c.map), rules=tuple(tuple(r) for r in c.rules))
+  params = merge(state.params, comp.params, mapping=tuple(tuple(m) for m in c.map),
+                 rules=tuple(tuple(r) for r in c.rules))
   flat = traverse_util.flatten_dict(params, sep="/")
   ema = state.ema_params
   if ema:
     ema = traverse_util.unflatten_dict(
-        {p: flat.get(p, v) for p, v in traverse_util.flatten_dict(
-            jax.device_get(ema), sep="/").items()}, sep="/")
+        {p: flat.get(p, v) for p, v in traverse_util.flatten_dict(ema, sep="/").items()},
+        sep="/")
+  # Every leaf onto the state's sharding, copied on device (the EMA and the parameters
+  # must not share buffers: the step donates the state; a grown table, built on the
+  # host, is small).
   place = lambda tree, target: jax.tree.map(
-      lambda x, s: jax.device_put(np.asarray(x), s), tree, target)
+      lambda x, s: jax.device_put(x, s, may_alias=False), tree, target)
   return state.replace(params=place(params, shardings.params),
                        ema_params=place(ema, shardings.ema_params) if ema else state.ema_params)
 
