@@ -198,6 +198,7 @@ def test_samples_at_any_w_with_one_call_per_step(data_dir, tiny_teacher, student
   assert proc.returncode != 0 and "already takes w as an input" in proc.stderr
 
 
+@pytest.mark.slow  # ~23 s; progressive distillation is test_progressive.py's (default)
 def test_stage_two_progressive_distillation_from_the_student(data_dir, student_run, tmp_path):
   """Meng et al. §4.2: progressive distillation (configs/digits_guided_progressive.py)
   with the w-input student as its teacher trains, keeps the w input and samples at any

@@ -98,6 +98,7 @@ def test_bad_settings_name_the_key(data_dir, ae_run):
     tasks.make(_latent_config(data_dir, "/nonexistent/run"), info)
 
 
+@pytest.mark.slow  # ~30 s; training on a cache and decoding its grid: test_latent_recipes.py
 def test_trains_on_a_latent_cache_and_samples_pixels(data_dir, ae_run, tmp_path):
   """The cache path: the autoencoder and the measured scale come from the cache's
   metadata (no config.latent keys), random flips draw the flipped posteriors, samples

@@ -160,6 +160,9 @@ _OWN_TESTS = {"digits_t2i.py", "imagenet256_dit_xl2.py", "mnist5k_latent_t2i.py"
               # tests/training/test_finetune.py runs them through the command line
               "digits_finetune.py", "digits_dreambooth.py", "digits_dreambooth_lora.py",
               "digits_textual_inversion.py",
+              # the 256² accelerator recipe: tests/test_latent_recipes.py (a clip run,
+              # an autoencoder, a base of its network; -m slow)
+              "t2i256_dreambooth_lora.py",
               # stage two of guidance distillation: its teacher is a stage-one run
               # (tests/training/test_guidance_distillation.py trains both)
               "digits_guided_progressive.py",
@@ -177,7 +180,10 @@ _COVERED = {"digits_clip.py",
             # trains the config through diffusion-jax-train at the tiny size, teacher first
             "digits_progressive.py", "digits_guidance_distillation.py",
             "digits_adversarial_distillation.py", "digits_consistency.py",
-            "digits_consistency_training.py"}
+            "digits_consistency_training.py",
+            # LoRA + the class table from a base: tests/training/test_finetune.py's
+            # class-table test trains the same subset through the loop
+            "digits_lora.py"}
 CONFIGS = [pytest.param(p, marks=pytest.mark.slow)
            if os.path.basename(p) in _SLOW_CONFIGS | _COVERED else p
            for p in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))

@@ -6,6 +6,7 @@ import ast
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import TINY_FLAGS, assert_trees_equal, load_state, quickstart_args, read_metrics
 from conftest import run_train_in_process
@@ -31,6 +32,7 @@ def _as_config(data_dir, flags):
   return c
 
 
+@pytest.mark.slow  # ~28 s; pmap == jit in process is tests/training/test_pmap.py's (default)
 def test_pmap_command_line_equals_jit(data_dir, tmp_path):
   run_train_in_process(quickstart_args(tmp_path / "pmap", data_dir,
                                        "--config.train.parallel=pmap", *SGD), devices=2)

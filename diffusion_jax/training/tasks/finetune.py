@@ -224,8 +224,9 @@ def read_adapters(path: str):
     with safe_open(path, framework="numpy") as f:
       meta = f.metadata() or {}
       tensors = {k: f.get_tensor(k) for k in f.keys()}
-  except (OSError, ValueError) as e:
-    raise ValueError(f"cannot read adapter file {path}: {e}") from e
+  except Exception as e:  # safetensors' own SafetensorError is neither OSError nor ValueError
+    raise ValueError(f"cannot read adapter file {path} (not a diffusion_jax adapter file?): "
+                     f"{e}") from e
   if meta.get("format") != FORMAT:
     raise ValueError(f"{path} is not a diffusion_jax adapter file (format "
                      f"{meta.get('format')!r}, expected {FORMAT!r})")
