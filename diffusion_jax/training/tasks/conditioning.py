@@ -60,7 +60,7 @@ def null_label(config, info) -> int:
 # --- text ---------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=4)
-def _text_component(workdir: str):
+def text_component(workdir: str):
   """(TextEncoder, numpy params) of a run that encodes text; concrete even when first
   asked for inside a trace (init is compiled), so the cache never holds tracers."""
   with jax.ensure_compile_time_eval():
@@ -93,7 +93,7 @@ def text_conditioner(config):
     if not config.text.clip_workdir:
       raise ValueError("config.text.encoder='clip' needs config.text.clip_workdir (a "
                        "finished run of configs/digits_clip.py or another clip config)")
-    text, params = _text_component(config.text.clip_workdir)
+    text, params = text_component(config.text.clip_workdir)
     if L > text.max_length:
       raise ValueError(f"config.text.max_length={L} exceeds the clip run's "
                        f"{text.max_length} ({config.text.clip_workdir})")

@@ -104,7 +104,7 @@ def _base_config(workdir: str, step):
 
 def check_base(config) -> None:
   """The fine-tuning run's network and what it denoises equal its base run's
-  (`distill.SAME`, naming every key that differs)."""
+  (`SAME`, naming every key that differs)."""
   if not config.init.from_workdir:
     raise ValueError("config.task='finetune' needs config.init.from_workdir (the workdir "
                      "of the trained diffusion run it adapts)")
@@ -120,7 +120,7 @@ def make(config, info) -> Task:
   f = config.finetune
   text_params = None
   if config.text.encoder == "clip":
-    text_encoder, text_params = cond_lib._text_component(config.text.clip_workdir)
+    text_encoder, text_params = cond_lib.text_component(config.text.clip_workdir)
   factor = lora_factor(config)
 
   def adapt(params, lora_scale=1.0):
