@@ -318,3 +318,45 @@ def test_a_trainable_class_table_changes_only_the_rows_it_sees(tiny_teacher, dat
   base = {k: v for k, v in jax.device_get(runs.load(tiny_teacher).params).items()
           if k != "Embed_0"}
   assert_trees_equal(rest, base)
+
+
+@pytest.fixture(scope="module")
+def t2i_cli_base(tiny_clip, data_dir, tmp_path_factory):
+  """configs/digits_t2i.py at the tiny size without the 9s, through diffusion-jax-train,
+  and the class images of "a digit" written by diffusion-jax-sample + -images."""
+  from conftest import TINY_FLAGS, run_train_in_process
+  root = tmp_path_factory.mktemp("t2i_cli")
+  tiny = [f"--config.data.data_dir={data_dir}", f"--config.text.clip_workdir={tiny_clip}",
+          *TINY_FLAGS]
+  run_train_in_process([f"--config={ROOT}/configs/digits_t2i.py", f"--workdir={root / 'base'}",
+                        *tiny, "--config.train.num_steps=2", "--config.sample.per_class=0",
+                        "--config.data.labels=(0,1,2,3,4,5,6,7,8)"])
+  run_cli("sample", [f"--workdir={root / 'base'}", "--num_samples=6", "--prompt=a digit",
+                     f"--output={root / 'class.npz'}"])
+  run_cli("images", [f"--input={root / 'class.npz'}", "--caption=a digit",
+                     f"--output={root / 'class'}"])
+  return root, tiny
+
+
+@pytest.mark.slow  # three configs × (4 steps, 2 + 2 steps, a sample): ~90 s
+@pytest.mark.parametrize("name", ["digits_finetune", "digits_dreambooth",
+                                  "digits_textual_inversion"])
+def test_each_method_resumes_exactly_through_the_command_line(name, t2i_cli_base, tmp_path):
+  """Plain fine-tuning, full DreamBooth (paired class images) and textual inversion as
+  shipped: 4 steps == 2 steps then resumed to 4 in the same workdir, bitwise; then a
+  sample through diffusion-jax-sample."""
+  from conftest import load_state, run_train_in_process
+  root, tiny = t2i_cli_base
+  args = [f"--config={ROOT}/configs/{name}.py", *tiny, f"--config.init.from_workdir={root / 'base'}",
+          "--config.train.checkpoint_every=2", "--config.sample.per_class=0"]
+  if name == "digits_dreambooth":
+    args.append(f"--config.data.paired_name={root / 'class'}")
+  run_train_in_process([*args, f"--workdir={tmp_path / 'whole'}", "--config.train.num_steps=4"])
+  run_train_in_process([*args, f"--workdir={tmp_path / 'cut'}", "--config.train.num_steps=2"])
+  run_train_in_process([*args, f"--workdir={tmp_path / 'cut'}", "--config.train.num_steps=4"])
+  assert_trees_equal(load_state(tmp_path / "cut"), load_state(tmp_path / "whole"))
+  prompt = "a handwritten <v>" if name == "digits_textual_inversion" else "a sks digit"
+  out = tmp_path / "s.npz"
+  run_cli("sample", [f"--workdir={tmp_path / 'whole'}", f"--output={out}", "--num_samples=2",
+                     f"--prompt={prompt}"])
+  assert np.load(out)["images"].shape == (2, 8, 8, 1)
