@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging as pylogging
+import math
 import os
 import re
 import sys
 
 from absl import flags, logging
 
-from diffusion_jax import parallel
+from diffusion_jax import io, parallel
 
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (auto-detects TPU pods, "
@@ -20,6 +21,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _CPU_COLLECTIVES = flags.DEFINE_string(
     "cpu_collectives", None, "CPU cross-process collectives ('gloo') for multi-process CPU runs.")
+_SINGLE_PROCESS = flags.DEFINE_bool(
+    "single_process", False, "Run as one process where the environment announces several "
+    "(SLURM, Open MPI, a TPU slice): without it such a start stops unless --distributed.")
 
 _LIBRARY_LOGS = flags.DEFINE_bool("library_logs", False, "Show orbax/TFDS/grain INFO logs.")
 
@@ -29,18 +33,71 @@ USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError)
 class _QuietLibraries(pylogging.Filter):
   """Keeps orbax's, TFDS's and grain's INFO chatter out of the progress log (their
   warnings and errors still show); --library_logs shows everything."""
-  _NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorflow_datasets{os.sep}", f"{os.sep}grain{os.sep}")
+  _NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorflow_datasets{os.sep}", f"{os.sep}grain{os.sep}",
+            f"{os.sep}fsspec{os.sep}", f"{os.sep}gcsfs{os.sep}")
 
   def filter(self, record):
     return record.levelno >= pylogging.WARNING or not any(s in record.pathname for s in self._NOISY)
 
 
+def multi_process_launch(env) -> str | None:
+  """Why the environment `env` (a mapping like os.environ) says this process is one of
+  several, naming the variable and its value; None when it does not. Reads what
+  jax.distributed.initialize() reads to detect a cluster (jax/_src/clusters/): SLURM's
+  task count (SLURM_STEP_NUM_TASKS inside an srun step, else SLURM_NTASKS), Open MPI's
+  OMPI_COMM_WORLD_SIZE, MPICH's and Intel MPI's PMI_SIZE (jax's mpi4py route), and a TPU
+  slice's host list (TPU_PROCESS_ADDRESSES or TPU_WORKER_HOSTNAMES, as GKE sets them) or
+  slice count (MEGASCALE_NUM_SLICES). A TPU VM that keeps its topology only in the GCE
+  metadata server is not seen: that would need a network query."""
+  slurm = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+  for var, launcher in ((slurm, "SLURM"), ("OMPI_COMM_WORLD_SIZE", "Open MPI"),
+                        ("PMI_SIZE", "an MPI launcher (PMI)")):
+    value = env.get(var, "").strip()
+    if value.isdigit() and int(value) > 1:
+      return f"{launcher} started this process as one of {int(value)} ({var}={value})"
+  slices = env.get("MEGASCALE_NUM_SLICES", "").strip()
+  if slices.isdigit() and int(slices) > 1:
+    return f"this process runs in a TPU job of {int(slices)} slices (MEGASCALE_NUM_SLICES={slices})"
+  for var in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
+    hosts = [h for h in env.get(var, "").split(",") if h.strip()]
+    if len(hosts) > 1:
+      return f"this process runs on a TPU slice of {len(hosts)} hosts ({var}={env[var]})"
+    if var in env:
+      break  # jax reads the first of the two that is set
+  return None
+
+
+def launch_error(env, distributed: bool, single_process: bool) -> str | None:
+  """The launch guard: the error for a process that the environment starts as one of
+  several (`multi_process_launch`) but that would not join the others (no --distributed
+  nor --coordinator_address), unless --single_process says one process is intended; or
+  for --single_process together with --distributed. None when the start is consistent."""
+  if single_process:
+    return ("--single_process contradicts --distributed / --coordinator_address: pass one "
+            "or the other") if distributed else None
+  reason = None if distributed else multi_process_launch(env)
+  if reason is None:
+    return None
+  return (f"{reason}, but without --distributed it does not join them: jax.distributed is "
+          "not initialised (on GPUs and CPUs each process then takes itself for process 0 "
+          "and writes the same checkpoints and metrics). Pass --distributed "
+          "(jax.distributed.initialize() then reads this environment) or "
+          "--coordinator_address=HOST:PORT --num_processes=N --process_id=I; or "
+          "--single_process if one process is intended.")
+
+
 def start() -> None:
-  """Initialises multi-host JAX when asked to; call first in main()."""
+  """Initialises multi-host JAX when asked to; call first in main(). Stops with the
+  launch guard's error (`launch_error`) before any work when the environment announces
+  several processes and the flags neither join them nor say one is intended."""
   logging.set_verbosity(logging.INFO)
   if not _LIBRARY_LOGS.value:
     logging.get_absl_handler().addFilter(_QuietLibraries())
-  if _DISTRIBUTED.value or _COORDINATOR.value:
+  distributed = bool(_DISTRIBUTED.value or _COORDINATOR.value)
+  error = launch_error(os.environ, distributed, _SINGLE_PROCESS.value)
+  if error:
+    fail(error)
+  if distributed:
     parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                         _CPU_COLLECTIVES.value)
 
@@ -126,15 +183,13 @@ def fail(error) -> None:
 
 
 def report(workdir: str, name: str, results: dict) -> None:
-  """Writes results to <workdir>/eval/<name>.json and prints them as one JSON line
-  (process 0 only): the output of the measurement scripts."""
+  """Writes results to <workdir>/eval/<name>.json (atomically; local or cloud) and
+  prints them as one JSON line (process 0 only): the output of the measurement
+  scripts."""
   import jax
   if jax.process_index() != 0:
     return
-  path = os.path.join(workdir, "eval", f"{name}.json")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(results, f, indent=2)
+  io.write_atomic(io.path(workdir) / "eval" / f"{name}.json", json.dumps(results, indent=2))
   print(json.dumps(results))
 
 
@@ -148,3 +203,89 @@ def adapter_files(specs) -> list[tuple[str, float]]:
     except ValueError:
       out.append((spec, 1.0))
   return out
+
+
+# Up-front checks of flag values, registered by each launcher next to its flags'
+# definitions: absl runs every validator when the command line is parsed, before any
+# work, and `parse_flags` prints a failure as one line naming the flag (`error: flag
+# --steps=0: must be >= 1`). A flag left at a None default (not given) passes.
+
+SEED_LIMIT = 2**32  # JAX keeps 32 bits of an integer seed: key(s + 2**32) is key(s)
+
+
+def integer(flag, low: int, high: int | None = None) -> None:
+  """An integer flag in [low, high] (high: no upper bound when None)."""
+  message = f"must be >= {low}" if high is None else f"must be in [{low}, {high}]"
+  flags.register_validator(
+      flag, lambda v: v is None or (v >= low and (high is None or v <= high)), message)
+
+
+def seed(flag) -> None:
+  """A PRNG seed: an integer in [0, 2**32) (larger ones repeat JAX's keys)."""
+  flags.register_validator(flag, lambda v: v is None or 0 <= v < SEED_LIMIT,
+                           "must be in [0, 2**32) (a JAX seed keeps 32 bits)")
+
+
+def number(flag, low: float | None = None, high: float | None = None, *,
+           open_low: bool = False) -> None:
+  """A float flag that is finite (not nan or ±inf), and in [low, high] where given
+  ((low, high] with open_low)."""
+  if low is not None and high is not None:
+    message = f"must be in {'(' if open_low else '['}{low:g}, {high:g}]"
+  elif low is not None:
+    message = f"must be a finite number {'>' if open_low else '>='} {low:g}"
+  else:
+    message = "must be a finite number"
+
+  def check(v):
+    if v is None:
+      return True
+    above = low is None or (v > low if open_low else v >= low)
+    return math.isfinite(v) and above and (high is None or v <= high)
+  flags.register_validator(flag, check, message)
+
+
+def non_empty(flag) -> None:
+  """A list flag that, when given, names at least one item and no empty one."""
+  flags.register_validator(flag, lambda v: v is None or (bool(v) and all(s.strip() for s in v)),
+                           "must be a comma-separated list of one or more items")
+
+
+def int_list(flag, low: int = 0, length: int | None = None) -> None:
+  """A list flag of integers >= low (exactly `length` of them where given)."""
+  what = f"{length} " if length else "one or more "
+  message = f"must be {what}comma-separated integers >= {low}"
+
+  def check(v):
+    if v is None:
+      return True
+    try:
+      ints = [int(s) for s in v]
+    except ValueError:
+      return False
+    return bool(ints) and all(i >= low for i in ints) and length in (None, len(ints))
+  flags.register_validator(flag, check, message)
+
+
+def adapter_specs(flag) -> None:
+  """--adapter FILE[:WEIGHT] (repeatable): a file name, and a finite weight where given
+  (as `adapter_files` reads them)."""
+  flags.register_validator(
+      flag, lambda v: all(p and math.isfinite(w) for p, w in adapter_files(v)),
+      "must be FILE or FILE:WEIGHT with a finite WEIGHT")
+
+
+def _port(address) -> bool:
+  host, _, port = (address or "").rpartition(":")
+  return bool(host) and port.isdigit() and 1 <= int(port) <= 65535
+
+
+# This module's own flags (the multi-host start-up, `start`).
+integer(_NUM_PROCESSES, 1)
+integer(_PROCESS_ID, 0)
+flags.register_multi_flags_validator(
+    ["num_processes", "process_id"],
+    lambda v: None in v.values() or v["process_id"] < v["num_processes"],
+    "--process_id must be < --num_processes (processes count from 0)")
+flags.register_validator(_COORDINATOR, lambda v: v is None or _port(v),
+                         "must be HOST:PORT with a port in [1, 65535]")

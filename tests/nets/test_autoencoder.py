@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
+torch = pytest.importorskip("torch")  # the reference extra (.[reference])
+from safetensors.torch import save_file  # noqa: E402
 
 from diffusion_jax.config import base
 from diffusion_jax.nets import autoencoder, torch_weights
@@ -34,7 +34,7 @@ CONFIGS = {
 def _torch_vae(cfg, seed=0):
   """diffusers' AutoencoderKL of `cfg`: torch's default init, GroupNorm affine
   parameters drawn at random (not 1 / 0) so a swapped scale and bias shows."""
-  from diffusers import AutoencoderKL
+  AutoencoderKL = pytest.importorskip("diffusers").AutoencoderKL
   n = len(cfg["block_out_channels"])
   torch.manual_seed(seed)
   model = AutoencoderKL(
@@ -318,7 +318,7 @@ def test_presets(preset):
   """Each preset builds (no weights), maps 256² images to 32² latents, has exactly the
   keys and shapes of diffusers' AutoencoderKL of the published config (built on torch's
   meta device: no memory, no init) and the published scale / shift."""
-  from diffusers import AutoencoderKL
+  AutoencoderKL = pytest.importorskip("diffusers").AutoencoderKL
   spec, pub = autoencoder.PRESETS[preset], PUBLISHED[preset]
   module = autoencoder.from_preset(preset)
   _, mean, logvar, x_hat = _shapes(module, 256, batch=1)

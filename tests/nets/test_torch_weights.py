@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch")  # the reference extra (.[reference])
 
 from diffusion_jax.nets import torch_weights
 

