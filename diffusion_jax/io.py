@@ -1,10 +1,79 @@
-"""Images at the edges: [-1, 1] floats ↔ uint8, grids, PNG files; small tensor files (.safetensors)."""
+"""The edges: paths (local or cloud), crash-consistent files, images ([-1, 1] floats ↔
+uint8, grids, PNG files) and small tensor files (.safetensors).
+
+Every path the library and the launchers read or write goes through `path` — an
+`etils.epath.Path`, the abstraction orbax and TFDS use — so a workdir, a data_dir or a
+weight file may be local or a cloud URI (`gs://bucket/run`; install the `[gcs]` extra,
+which brings gcsfs). Writers that must never leave a torn file use `write_atomic`.
+"""
 from __future__ import annotations
 
+import io as _io
 import os
+import uuid
 
+import fsspec.config
 import numpy as np
+from etils import epath
 from PIL import Image
+
+PathLike = str | os.PathLike
+
+# gcsfs caches directory listings for the life of a process, so files another process
+# (host) adds to a gs:// folder would stay invisible to `exists()` and `iterdir()`:
+# a resume, `runs.load` of a run still training, hosts reading each other's progress.
+fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+
+
+def path(p: PathLike) -> epath.Path:
+  """p as an `epath.Path`: local paths are made absolute (`~` expanded), URIs
+  (`gs://…`) kept as given."""
+  if is_remote(p):
+    return epath.Path(p)
+  return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(p))))
+
+
+def is_remote(p: PathLike) -> bool:
+  """True for a URI with a scheme (`gs://b/x`, `s3://…`), False for a local path."""
+  return "://" in os.fspath(p)
+
+
+def unique_tmp(p: PathLike) -> epath.Path:
+  """A temporary name beside p that no other writer uses (`<name>.tmp-<uuid>`)."""
+  p = path(p)
+  return p.parent / f"{p.name}.tmp-{uuid.uuid4().hex[:12]}"
+
+
+def upload_tree(local_dir: PathLike, dst: PathLike) -> None:
+  """Copies every file under the local directory `local_dir` to the same relative path
+  under `dst` (local or cloud), one whole-file write each."""
+  for dirpath, _, files in os.walk(local_dir):
+    for name in files:
+      src = os.path.join(dirpath, name)
+      with open(src, "rb") as f:
+        write_atomic(path(dst) / os.path.relpath(src, local_dir), f.read())
+
+
+def write_atomic(p: PathLike, data: bytes | str) -> epath.Path:
+  """Writes data (bytes, or str as UTF-8) to p so that a reader sees either the old
+  file or the whole new one, never a torn one: a uniquely named temporary beside it,
+  then a rename (local), or one object upload (cloud storage, where an object appears
+  whole). Creates the parent directories."""
+  p = path(p)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  if isinstance(data, str):
+    data = data.encode("utf-8")
+  if is_remote(p):
+    p.write_bytes(data)
+    return p
+  tmp = unique_tmp(p)
+  try:
+    tmp.write_bytes(data)
+    os.replace(tmp, p)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+  return p
 
 
 def to_uint8(images) -> np.ndarray:
@@ -30,28 +99,38 @@ def grid(images: np.ndarray, rows: int, pad: int = 1) -> np.ndarray:
   return out
 
 
-def save_png(path: str, image: np.ndarray, upscale: int = 1) -> str:
-  """Writes uint8 [H, W, C] (C = 1 or 3) as PNG, nearest-neighbour upscaled; returns path."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def png_bytes(image: np.ndarray, upscale: int = 1) -> bytes:
+  """uint8 [H, W, C] (C = 1 or 3) encoded as PNG, nearest-neighbour upscaled."""
   if upscale > 1:
     image = image.repeat(upscale, axis=0).repeat(upscale, axis=1)
-  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
-  return path
+  buf = _io.BytesIO()
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
+  return buf.getvalue()
 
 
-def save_grid(path: str, images, rows: int) -> str:
-  """float [-1, 1] [N, H, W, C] → PNG grid with `rows` rows; small images are upscaled."""
+def save_png(p: PathLike, image: np.ndarray, upscale: int = 1) -> str:
+  """Writes uint8 [H, W, C] (C = 1 or 3) as PNG (atomically; local or cloud),
+  nearest-neighbour upscaled; returns the path as a string."""
+  return os.fspath(write_atomic(p, png_bytes(image, upscale)))
+
+
+def grid_image(images, rows: int) -> np.ndarray:
+  """float [-1, 1] [N, H, W, C] → the uint8 grid `save_grid` writes (small images
+  upscaled to ≥ 64 pixels)."""
   images = to_uint8(images)
-  return save_png(path, grid(images, rows), upscale=max(1, 64 // images.shape[1]))
+  upscale = max(1, 64 // images.shape[1])
+  return grid(images, rows).repeat(upscale, axis=0).repeat(upscale, axis=1)
 
 
-def save_tensors(path: str, tensors: dict, metadata: dict) -> str:
+def save_grid(p: PathLike, images, rows: int) -> str:
+  """float [-1, 1] [N, H, W, C] → PNG grid with `rows` rows; small images are upscaled."""
+  return save_png(p, grid_image(images, rows))
+
+
+def save_tensors(p: PathLike, tensors: dict, metadata: dict) -> str:
   """Writes numpy arrays {name: array} with string metadata as one .safetensors file
-  (no pickle), atomically: a reader never sees a partial file."""
-  from safetensors.numpy import save_file
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp"
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
-            metadata={str(k): str(v) for k, v in metadata.items()})
-  os.replace(tmp, path)
-  return path
+  (no pickle), atomically (local or cloud): a reader never sees a partial file."""
+  from safetensors.numpy import save
+  data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+              metadata={str(k): str(v) for k, v in metadata.items()})
+  return os.fspath(write_atomic(p, data))

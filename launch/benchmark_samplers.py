@@ -24,6 +24,9 @@ from diffusion_jax.diffusion import paths
 
 _N = flags.DEFINE_integer("n", 4000, "Samples per cell.")
 _SPACING = flags.DEFINE_string("spacing", "uniform", "uniform | karras | logsnr")
+flags.register_validator(_N, lambda n: n >= 1, "must be >= 1")
+flags.register_validator(_SPACING, lambda s: s in samplers.spacing.SPACINGS,
+                         f"must be one of {', '.join(samplers.spacing.SPACINGS)}")
 
 SAMPLERS = ("euler", "heun", "ddim", "ddpm", "dpm_solver_2m", "sde", "pc", "edm")
 NFES = (5, 10, 20, 50, 100)

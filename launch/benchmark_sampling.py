@@ -44,6 +44,11 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per sampler.")
 _MARKDOWN = flags.DEFINE_bool("markdown", False, "Print a markdown table, not JSON lines.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.mark_flags_as_required(["config"])
+common.non_empty(_SAMPLERS)
+common.integer(_STEPS, 1)
+common.integer(_BATCH, 1)
+common.integer(_REPEATS, 1)
+common.seed(_SEED)
 
 
 def compile_on_first_call(jitted):

@@ -33,6 +33,7 @@ from diffusion_jax import samplers
 from diffusion_jax.diffusion import paths
 
 _N = flags.DEFINE_integer("n", 4000, "Samples (initial noises) per cell.")
+flags.register_validator(_N, lambda n: n >= 1, "must be >= 1")
 
 SOLVERS = ("euler", "ddim", "heun", "dpm_solver_2m", "dpm_solver_3m", "unipc", "ipndm")
 NFES = (5, 10, 20)

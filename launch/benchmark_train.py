@@ -50,6 +50,10 @@ _SYNTHETIC = flags.DEFINE_list("synthetic", None, "H,W,C: random images of this 
 _SYNTHETIC_CLASSES = flags.DEFINE_integer("synthetic_classes", 1000,
                                           "Label classes of --synthetic batches.")
 flags.mark_flags_as_required(["config"])
+common.integer(_STEPS, 1)
+common.number(_PEAK, 0, open_low=True)
+common.int_list(_SYNTHETIC, 1, length=3)
+common.integer(_SYNTHETIC_CLASSES, 0)
 
 # Dense peak TFLOP/s per device (vendor data sheets): (bf16, float32 dots). NVIDIA
 # float32 is TF32 on tensor cores (full float32 on an H100 SXM would be 66.9); TPU
@@ -104,9 +108,7 @@ def _benchmark():
   mesh = parallel.make_mesh(config.mesh)
   parallel.check_batch_size(config.data.batch_size, mesh)
   if _SYNTHETIC.value:
-    shape = tuple(int(v) for v in _SYNTHETIC.value)
-    if len(shape) != 3:
-      raise ValueError(f"--synthetic={','.join(_SYNTHETIC.value)}: expected H,W,C")
+    shape = tuple(int(v) for v in _SYNTHETIC.value)  # H,W,C (checked by its validator)
     info = data.DatasetInfo(image_shape=shape, num_classes=_SYNTHETIC_CLASSES.value,
                             num_examples=0)
   else:

@@ -38,6 +38,11 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _RAW = flags.DEFINE_bool("raw_params", False, "Use the raw parameters instead of the EMA.")
 flags.mark_flags_as_required(["workdir"])
+common.integer(_NUM, 1)
+common.integer(_STEPS, 1)
+common.number(_GUIDANCE)
+common.seed(_SEED)
+common.integer(_STEP, 0)
 
 
 def _conditional_run(workdir: str, step):
@@ -61,8 +66,6 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.start()
   try:
-    if _NUM.value < 1:
-      raise ValueError(f"--num_samples={_NUM.value}: must be >= 1")
     config, info, step, generator = _conditional_run(_WORKDIR.value, _STEP.value)
     images, labels, _ = generate.sample_run(
         _WORKDIR.value, _NUM.value, seed=_SEED.value, sampler=_SAMPLER.value,

@@ -20,6 +20,8 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _EMA = flags.DEFINE_bool("ema", True, "Use the EMA parameters.")
 _SEED = flags.DEFINE_integer("seed", 0, "Caption template seed (embedded digits).")
 flags.mark_flags_as_required(["workdir"])
+common.integer(_STEP, 0)
+common.seed(_SEED)
 
 
 def main(argv):

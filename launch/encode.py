@@ -26,7 +26,7 @@ import os
 import jax
 from absl import app, flags
 
-from diffusion_jax import config as config_lib, data, parallel
+from diffusion_jax import config as config_lib, data, io, parallel
 from diffusion_jax.data import latents
 from diffusion_jax.training.tasks import latent
 from diffusion_jax_launch import common
@@ -52,12 +52,15 @@ _FLIPS = flags.DEFINE_bool("flips", False, "Also store the posterior of every im
 _DTYPE = flags.DEFINE_enum("dtype", "float32", list(latents.DTYPES),
                            "Storage of mean and std (float16 halves the disk).")
 flags.mark_flags_as_required(["autoencoder", "dataset", "output_dir"])
+common.integer(_IMAGE_SIZE, 0)
+common.integer(_BATCH_SIZE, 1)
+common.integer(_CHUNK_SIZE, 1)
 
 
 def _spec(value: str) -> str:
   """The autoencoder spec as recorded: local paths made absolute (training reads it from
-  another directory)."""
-  return value if "://" in value else os.path.abspath(os.path.expanduser(value))
+  another directory), cloud URIs as given."""
+  return os.fspath(io.path(os.path.expanduser(value)))
 
 
 def encode_split():
@@ -100,7 +103,7 @@ def main(argv):
     lat = info.latents
     print(f"Wrote {info.num_examples} latents {info.image_shape} of {lat.source} "
           f"{lat.split} {lat.image_shape}{' (+ flips)' if lat.flips else ''} to "
-          f"{os.path.abspath(_OUTPUT_DIR.value)}: data_scale {lat.data_scale:.6g} "
+          f"{_spec(_OUTPUT_DIR.value)}: data_scale {lat.data_scale:.6g} "
           f"(autoencoder scale {lat.scale:g}, shift {lat.shift:g})")
 
 

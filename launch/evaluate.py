@@ -47,6 +47,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to evaluate.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _RAW = flags.DEFINE_bool("raw_params", False, "Evaluate the trained parameters, not their EMA.")
 flags.mark_flags_as_required(["workdir"])
+common.integer(_STEP, 0)
 
 
 def main(argv):

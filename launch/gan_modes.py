@@ -21,6 +21,8 @@ _NUM = flags.DEFINE_integer("num_samples", 2500, "Samples N.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _RAW = flags.DEFINE_bool("raw_params", False, "Use the raw parameters instead of the EMA.")
 flags.mark_flags_as_required(["workdir"])
+common.integer(_NUM, 1)
+common.seed(_SEED)
 
 
 def coverage(workdir: str, num_samples: int, seed: int = 0, use_ema: bool = True) -> dict:

@@ -18,6 +18,7 @@ import os
 
 from absl import app, flags
 
+from diffusion_jax import io
 from diffusion_jax.data import images
 from diffusion_jax_launch import common
 
@@ -31,6 +32,8 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "Center-crop and resize to t
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 0, "Classes of the 'label' feature "
                                     "(0: max label + 1); needs labels.")
 flags.mark_flags_as_required(["input", "output"])
+common.integer(_IMAGE_SIZE, 0)
+common.integer(_NUM_CLASSES, 0)
 
 
 def main(argv):
@@ -42,7 +45,7 @@ def main(argv):
                         image_size=_IMAGE_SIZE.value or None, num_classes=_NUM_CLASSES.value)
   except common.USER_ERRORS as e:
     common.fail(e)
-  path = os.path.abspath(os.path.expanduser(_OUTPUT.value))
+  path = os.fspath(io.path(os.path.expanduser(_OUTPUT.value)))
   print(f"Wrote {info.num_examples} images {info.image_shape}"
         + (f" with {info.num_classes} classes" if info.num_classes else "")
         + f" to {path} (config.data.name={path})")

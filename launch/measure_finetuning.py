@@ -38,6 +38,12 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir of --dataset.")
 _SEED = flags.DEFINE_integer("seed", 1, "Sampling seed.")
 _LORA_SCALE = flags.DEFINE_float("lora_scale", None, "LoRA scale s (default: the run's).")
 flags.mark_flags_as_required(["workdir"])
+common.adapter_specs(_ADAPTERS)
+common.integer(_LABEL, 0, 9)
+common.integer(_NUM_CONCEPT, 1)
+common.integer(_PER_PROMPT, 1)
+common.seed(_SEED)
+common.number(_LORA_SCALE)
 
 
 def measure(workdir, concept_prompts, *, concept_label=9, num_concept=200, per_prompt=3,

@@ -23,6 +23,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A text-to-image run on an embed
 _PER_PROMPT = flags.DEFINE_integer("per_prompt", 3, "Samples per (template, digit) caption.")
 _SEED = flags.DEFINE_integer("seed", 1, "Sampling seed.")
 flags.mark_flags_as_required(["workdir"])
+common.integer(_PER_PROMPT, 1)
+common.seed(_SEED)
 
 
 def measure(workdir: str, per_prompt: int = 3, seed: int = 1) -> dict:

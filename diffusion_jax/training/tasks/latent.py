@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import runs
+from diffusion_jax import io, runs
 from diffusion_jax.nets import autoencoder as ae_nets
 from diffusion_jax.training import tasks
 from diffusion_jax.training.tasks.base import Autoencoder
@@ -80,7 +80,7 @@ def load_autoencoder(spec: str, preset: str = "", mesh=None, image_shape=None):
     return published(module, scale, shift, image_shape), params
   if preset:
     raise ValueError(f"preset={preset!r} applies to a weight file, not to the run {spec}")
-  if not os.path.isdir(spec):
+  if not io.path(spec).is_dir():
     raise FileNotFoundError(f"{spec}: neither a run directory nor a weight file "
                             f"({', '.join(WEIGHT_SUFFIXES)})")
   comp = runs.load(spec, mesh=mesh)
