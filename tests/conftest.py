@@ -139,9 +139,9 @@ def quickstart_args(workdir, data_dir, *extra):
 
 
 def read_metrics(workdir):
-  import json
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+  """The rows of <workdir>/metrics.jsonl (`writers.read_metrics`)."""
+  from diffusion_jax import writers
+  return writers.read_metrics(workdir)
 
 
 def load_state(workdir, step=None):
