@@ -39,14 +39,19 @@ stream cut between processes as above, and "paired" int32 [b_local] says which (
 data.split, image_size and random_flip apply to both, the subset keys to data.name only.
 The global batch is then the processes' batches in order: the same examples for any
 process count, in an order that interleaves the two datasets by process.
+
+Evaluation reads a split in stored order through `open_arrays` (`Arrays`): batch by
+batch, each process only the rows its devices hold, never the whole split in memory
+(`load_arrays` is the whole of a small split at once).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -56,11 +61,13 @@ from etils import epath
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from diffusion_jax import parallel
 from diffusion_jax.data import builders, text as text_lib
 
-__all__ = ["LATENTS_KEY", "LATENT_FORMAT", "PROGRESS_DIR", "DatasetInfo", "LatentInfo",
-           "TextOptions", "features", "get_source", "is_path", "latent_info", "load_arrays",
-           "load_text_arrays", "make_train_iterator", "text_options", "to_model_image"]
+__all__ = ["LATENTS_KEY", "LATENT_FORMAT", "PROGRESS_DIR", "Arrays", "DatasetInfo",
+           "LatentInfo", "TextOptions", "features", "get_source", "is_path", "latent_info",
+           "load_arrays", "load_text_arrays", "make_train_iterator", "open_arrays",
+           "text_options", "to_model_image"]
 
 
 # The latent cache's entry of a TFDS dataset's metadata.json (`data/latents.py`), and
@@ -342,6 +349,17 @@ class _Subset:
   def __getitem__(self, i):
     return self._source[int(self._indices[i])]
 
+  def __getitems__(self, rows: Sequence[int]):
+    return _read_elements(self._source, [int(self._indices[i]) for i in rows])
+
+
+def _read_elements(source, rows: Sequence[int]) -> list:
+  """source[i] for i in rows, in one batched read where the source has one (TFDS's
+  array_record sources: `__getitems__`)."""
+  if hasattr(source, "__getitems__"):
+    return list(source.__getitems__(list(rows)))
+  return [source[i] for i in rows]
+
 
 _SCAN_CHUNK = 1024  # examples per read of a label scan
 
@@ -425,13 +443,20 @@ def get_source(
     [h, w, c] instead. With a filter, `source` holds the kept examples in stored order
     and `info.num_examples` counts them (`info.num_classes` stays the dataset's).
   """
+  return _source_of_builder(name, split, data_dir, image_size=image_size, labels=labels,
+                            max_examples=max_examples)[:2]
+
+
+def _source_of_builder(name, split, data_dir, *, image_size, labels, max_examples):
+  """`get_source`'s (source, info), and the builder they came from."""
   data_dir = None if data_dir is None else os.fspath(data_dir)
   builder = _open_builder(name, data_dir)
   if _latent_metadata(builder) is not None:
     source, info = _latent_source(name, builder, split, image_size)
   else:
     source, info = _image_source(name, builder, split, image_size)
-  return _subset(name, builder, split, source, info, labels, max_examples)
+  source, info = _subset(name, builder, split, source, info, labels, max_examples)
+  return source, info, builder
 
 
 def _image_source(name: str, builder, split: str, image_size: int | None):
@@ -694,6 +719,140 @@ def make_train_iterator(
   return iter(ds.to_iter_dataset(read_options))
 
 
+@dataclasses.dataclass(frozen=True)
+class Arrays:
+  """The examples of a split as model arrays, read on demand in stored order, so that a
+  split is never held whole (evaluation's real images: reference statistics, bits/dim,
+  reconstructions). `open_arrays` opens a prepared split; `Arrays.of` wraps arrays
+  already in memory.
+
+  Attributes:
+    read_rows: (start, stop) -> (images float32 [n, H, W, C] in [-1, 1], labels int32
+      [n]) of examples start..stop-1 (0 <= start < stop <= num_examples).
+    num_examples: how many examples.
+    image_shape: (H, W, C) of one image (after any resize).
+    name: a short label of the data, for file names and messages.
+    key: what identifies the data, JSON-able (None for arrays in memory): the prepared
+      dataset's directory and version, split, image size, subset and count, which a
+      cache of numbers computed from the data is keyed on.
+  """
+
+  read_rows: Callable[[int, int], tuple[np.ndarray, np.ndarray]]
+  num_examples: int
+  image_shape: tuple[int, ...]
+  name: str = "arrays"
+  key: dict | None = None
+
+  @classmethod
+  def of(cls, images, labels=None, name: str = "arrays") -> "Arrays":
+    """Arrays in memory: images [N, H, W, C] (float32, as the model takes them) and
+    labels [N] (default zeros)."""
+    images = np.asarray(images)
+    labels = (np.zeros(len(images), np.int32) if labels is None
+              else np.asarray(labels, np.int32))
+    if len(labels) != len(images):
+      raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    return cls(lambda a, b: (images[a:b], labels[a:b]), len(images),
+               tuple(images.shape[1:]), name)
+
+  def __len__(self) -> int:
+    return self.num_examples
+
+  def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images [n, H, W, C], labels [n]) of examples start..stop-1, clipped to the
+    split (empty arrays of the right shape when nothing is left)."""
+    start, stop = max(0, int(start)), min(int(stop), self.num_examples)
+    if stop <= start:
+      return np.zeros((0, *self.image_shape), np.float32), np.zeros((0,), np.int32)
+    return self.read_rows(start, stop)
+
+  def first(self, n: int) -> "Arrays":
+    """The first min(n, len) examples."""
+    n = min(int(n), self.num_examples)
+    key = None if self.key is None else {**self.key, "num_examples": n}
+    return dataclasses.replace(self, num_examples=n, key=key)
+
+  def batches(self, batch_size: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(start, images, labels) of consecutive batches of at most batch_size examples."""
+    if batch_size <= 0:
+      raise ValueError(f"batch_size={batch_size} must be positive")
+    for start in range(0, self.num_examples, batch_size):
+      yield (start, *self.read(start, start + batch_size))
+
+  def sharded_batches(self, batch_size: int, mesh) -> Iterator[tuple[int, int, dict]]:
+    """(start, count, {"image", "label"}) of consecutive global batches of `count` <=
+    batch_size examples: global jax.Arrays zero-padded to a multiple of the mesh's
+    device count (`parallel.padded_size`) and sharded over its batch axes, of which
+    each process reads only the rows its own devices hold (a host reads its share
+    of the split, not all of it). The arrays are the same for any number of devices
+    and processes; the next batch is read while the caller works on this one."""
+    if batch_size <= 0:
+      raise ValueError(f"batch_size={batch_size} must be positive")
+    starts = range(0, self.num_examples, batch_size)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+      ahead = pool.submit(self._local_rows, 0, batch_size, mesh) if starts else None
+      for k, start in enumerate(starts):
+        count, padded, lo, local = ahead.result()
+        if k + 1 < len(starts):
+          ahead = pool.submit(self._local_rows, starts[k + 1], batch_size, mesh)
+        yield start, count, {key: _place(a, padded, lo, mesh)
+                             for key, a in zip(("image", "label"), local)}
+
+  def _local_rows(self, start: int, batch_size: int, mesh):
+    """(count, padded size, first local row, this process's rows of the batch at
+    start, zero-padded to its devices' span)."""
+    count = min(batch_size, self.num_examples - start)
+    padded = parallel.padded_size(count, mesh)
+    spans = [idx[0].indices(padded)[:2] for idx in
+             parallel.batch_sharding(mesh).addressable_devices_indices_map((padded,)).values()]
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    local = self.read(start + lo, start + min(hi, count))
+    pad = lambda a: np.concatenate([a, np.zeros((hi - lo - len(a),) + a.shape[1:], a.dtype)])
+    return count, padded, lo, tuple(pad(a) for a in local)
+
+
+def _place(local: np.ndarray, padded: int, lo: int, mesh):
+  """The global batch-sharded array [padded, ...] of which this process holds rows
+  lo.. (`local`)."""
+  def rows(idx):
+    a, b, _ = idx[0].indices(padded)
+    return local[(slice(a - lo, b - lo),) + tuple(idx[1:])]
+  return jax.make_array_from_callback((padded,) + local.shape[1:],
+                                      parallel.batch_sharding(mesh), rows)
+
+
+def open_arrays(
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    image_size: int | None = None,
+    labels: Sequence[int] = (),
+    max_examples: int = 0,
+) -> Arrays:
+  """A prepared split (`get_source`: a TFDS name in data_dir or a dataset directory;
+  labels, max_examples: the subset to keep) as `Arrays`, read on demand: images
+  float32 [n,H,W,C] in [-1, 1] (resized if image_size), labels int32 [n] (zeros for
+  unconditional datasets)."""
+  source, info, builder = _source_of_builder(name, split, data_dir, image_size=image_size,
+                                             labels=labels, max_examples=max_examples)
+  _refuse_latents(name, info)
+  conditional = info.num_classes > 0
+
+  def read_rows(start: int, stop: int):
+    elements = _read_elements(source, range(start, stop))
+    images = np.stack([to_model_image(e["image"], image_size) for e in elements])
+    kept = np.asarray([e["label"] if conditional else 0 for e in elements], np.int32)
+    return images, kept
+
+  key = {"name": name, "dir": os.fspath(builder.data_dir),
+         "version": str(builder.info.version), "split": split,
+         "image_size": int(image_size or 0), "labels": [int(y) for y in labels or ()],
+         "max_examples": int(max_examples or 0), "num_examples": info.num_examples}
+  short = os.path.basename(os.path.normpath(name)) if is_path(name) else name
+  return Arrays(read_rows, info.num_examples, tuple(info.image_shape), short, key)
+
+
 def load_arrays(
     name: str,
     split: str,
@@ -703,7 +862,8 @@ def load_arrays(
     labels: Sequence[int] = (),
     max_examples: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-  """A whole (small) split in memory, in the split's stored order.
+  """A whole (small) split in memory, in the split's stored order (`open_arrays` reads
+  a large one batch by batch).
 
   labels, max_examples: the subset to keep (config.data.labels, .max_examples;
   `get_source`); by default every example.
@@ -712,15 +872,9 @@ def load_arrays(
     images: float32 [N,H,W,C] in [-1, 1] (resized if image_size).
     labels: int32 [N]; zeros for unconditional datasets.
   """
-  source, info = get_source(name, split, data_dir, image_size=image_size, labels=labels,
-                            max_examples=max_examples)
-  _refuse_latents(name, info)
-  elements = [source[i] for i in range(len(source))]
-  images = np.stack([to_model_image(e["image"], image_size) for e in elements])
-  labels = np.asarray(
-      [e["label"] if info.num_classes else 0 for e in elements], np.int32
-  )
-  return images, labels
+  arrays = open_arrays(name, split, data_dir, image_size=image_size, labels=labels,
+                       max_examples=max_examples)
+  return arrays.read(0, len(arrays))
 
 
 def load_text_arrays(

@@ -19,12 +19,19 @@ FID Inception-v3 from its weight file.
   logits, clip_score when it has a text encoder.
 - Reference statistics of a dataset split (μ, Σ as `mu`, `sigma`, the layout of the
   pytorch-fid `.npz` files, plus the feature vectors for KID and precision/recall) are
-  computed once per feature network and cached under its `stats_dir`.
+  streamed from the split batch by batch (`data.pipeline.Arrays`: each host reads its
+  devices' rows; float64 moments, never the images) and cached under the feature
+  network's `stats_dir`, keyed by the network (its run and checkpoint step, or its
+  weight file) and the data (dataset directory and version, split, size, subset,
+  count): a change of either is a new file (`reference_path`).
 - The data floor: the same distances between two real splits (floor vs reference).
-- Resumable: after every batch the running state (features, next sample) is written
-  to `<workdir>/eval/partial_<step>_<settings hash>.npz`; a rerun with the same
-  settings continues from it. Sample i depends only on (seed, i), so an interrupted
-  evaluation ends with the same numbers as an uninterrupted one.
+- Resumable: after every batch that batch's features are added, as one file written
+  whole, to `<workdir>/eval/partial_<step>_<settings hash>/` (append-only; nothing is
+  rewritten); a rerun with the same settings continues after the last batch there.
+  Sample i depends only on (seed, i), so an interrupted evaluation ends with the same
+  numbers as an uninterrupted one.
+- Every file goes through `diffusion_jax.io` (local or `gs://`; written atomically
+  under a unique temporary name, so concurrent evaluations never share one).
 - Bits/dim are `diffusion/likelihood.py`'s: the DDPM bound (`vlb_terms`) and the
   PF-ODE of dequantised data (`bits_per_dim_dequantized`); for latent-variable models
   the ELBO and IWAE bounds of their `bound` capability (`bound_bits_per_dim`), on
@@ -35,17 +42,19 @@ FID Inception-v3 from its weight file.
 from __future__ import annotations
 
 import hashlib
+import io as _io
 import json
 import math
-import os
+import re
 from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
-from diffusion_jax import config as config_lib, data, parallel, runs, samplers, writers
-from diffusion_jax.data import text as text_lib
+from diffusion_jax import config as config_lib, data, io, parallel, runs, samplers, writers
+from diffusion_jax.data import pipeline, text as text_lib
 from diffusion_jax.diffusion import likelihood, predictions
 from diffusion_jax.evaluation import metrics as metrics_lib, reconstruction
 from diffusion_jax.nets import inception, lpips as lpips_lib, vgg
@@ -65,12 +74,15 @@ class FeatureNet(NamedTuple):
 
   image(params, x [B,H,W,C] in [-1, 1]) -> (logits [B, K], features [B, D]);
   stats_dir: where reference statistics of real splits are cached; source: the run or
-  weight file it came from (part of the settings hash);
+  weight file it came from (reported);
   num_classes: K when the logits are over the dataset's own classes (accuracy), else 0;
   class_logits: the logits are a classifier's over some classes (the Inception Score
     applies: a domain classifier's, Inception's 1008), not a placeholder;
   text(params, tokens [B, L]) -> L2-normalised embeddings in the features' space
-    (clip_score), or None; max_length: the token length `text` takes.
+    (clip_score), or None; max_length: the token length `text` takes;
+  identity: what the features are a function of (a run's workdir and checkpoint step,
+    a weight file's path, size and mtime; "" = source): reference statistics and the
+    partial state of an evaluation are keyed on it.
   """
   name: str
   image: Callable
@@ -81,6 +93,7 @@ class FeatureNet(NamedTuple):
   class_logits: bool = False
   text: Callable | None = None
   max_length: int = 0
+  identity: str = ""
 
 
 def metric_names(config) -> tuple[str, ...]:
@@ -138,10 +151,11 @@ def run_features(name: str, key: str, workdir: str, info, mesh) -> FeatureNet:
   if tuple(comp.info.image_shape) != tuple(info.image_shape):
     raise ValueError(f"{key}={workdir} takes {tuple(comp.info.image_shape)} images; the "
                      f"model makes {tuple(info.image_shape)}")
-  return FeatureNet(name, features.image, comp.params, os.path.join(workdir, "ref_stats"),
-                    os.path.abspath(workdir), num_classes=features.num_classes,
+  where = str(io.path(workdir))
+  return FeatureNet(name, features.image, comp.params, str(io.path(workdir) / "ref_stats"),
+                    where, num_classes=features.num_classes,
                     class_logits=features.num_classes > 0, text=features.text,
-                    max_length=features.max_length)
+                    max_length=features.max_length, identity=f"{where}@step={comp.step}")
 
 
 def _inception_image(variables, images):
@@ -161,9 +175,11 @@ def inception_features(weights: str, info, mesh, stats_dir: str) -> FeatureNet:
                      f"3-channel images; the model makes {tuple(info.image_shape)} "
                      f"{info.kind}")
   variables = jax.device_put(inception.load_weights(weights), parallel.replicated(mesh))
+  where = io.path(weights)
+  st = where.stat()
   return FeatureNet("inception", _inception_image, variables,
-                    os.path.join(stats_dir, "inception"), os.path.abspath(weights),
-                    class_logits=True)
+                    str(io.path(stats_dir) / "inception"), str(where), class_logits=True,
+                    identity=f"{where}@bytes={st.length},mtime={st.mtime}")
 
 
 def _pixel_image(params, images):
@@ -180,7 +196,7 @@ def pixel_features(info, stats_dir: str) -> FeatureNet:
   features, whose within-class spread collapses, it registers a loss of diversity."""
   if not info.is_image:
     raise ValueError(f"config.eval.pixel_features: the model makes {info.kind}, not images")
-  return FeatureNet("pixels", _pixel_image, {}, os.path.join(stats_dir, "pixels"), "pixels")
+  return FeatureNet("pixels", _pixel_image, {}, str(io.path(stats_dir) / "pixels"), "pixels")
 
 
 def feature_networks(config, info, workdir: str, mesh, metrics) -> tuple[FeatureNet, ...]:
@@ -200,47 +216,119 @@ def feature_networks(config, info, workdir: str, mesh, metrics) -> tuple[Feature
       raise ValueError(f"{key}={clip_workdir}: its features have no text encoder (a clip "
                        "run's have), so it gives no clip_score")
     nets.append(net)
+  stats_dir = e.ref_stats_dir or io.path(workdir) / "eval" / "ref_stats"
   if e.inception_weights:
-    nets.append(inception_features(e.inception_weights, info, mesh,
-                                   e.ref_stats_dir or os.path.join(workdir, "eval", "ref_stats")))
+    nets.append(inception_features(e.inception_weights, info, mesh, stats_dir))
   if e.pixel_features:
-    nets.append(pixel_features(info, e.ref_stats_dir or os.path.join(workdir, "eval",
-                                                                     "ref_stats")))
+    nets.append(pixel_features(info, stats_dir))
   return tuple(nets)
 
 
-def _features_of_arrays(net: FeatureNet, images, mesh, batch: int):
-  """Features [N, D] of images [N, H, W, C] (numpy), batch by batch, sharded."""
+STATS_FORMAT = 1  # of the reference-statistics files; part of their key
+
+
+def _npz_bytes(arrays: dict) -> bytes:
+  buf = _io.BytesIO()
+  np.savez(buf, **arrays)
+  return buf.getvalue()
+
+
+def _read_npz(path) -> dict:
+  """Every array of an .npz file (local or cloud), read at once."""
+  with np.load(_io.BytesIO(io.path(path).read_bytes())) as f:
+    return {k: f[k] for k in f.files}
+
+
+def _check(stop) -> None:
+  """Calls the evaluator's stop() between batches (it raises to abandon the work)."""
+  if stop is not None:
+    stop()
+
+
+def _agreed(value: int) -> int:
+  """Process 0's value on every process: what decides how many batches (and so how
+  many collectives and stop() calls) each process runs must be one decision."""
+  if jax.process_count() == 1:
+    return int(value)
+  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
+def _as_arrays(images, labels=None) -> pipeline.Arrays:
+  """images as `pipeline.Arrays`: a split read on demand as it is, numpy arrays
+  wrapped."""
+  if isinstance(images, pipeline.Arrays):
+    return images
+  return pipeline.Arrays.of(images, labels)
+
+
+def reference_key(net: FeatureNet, arrays: pipeline.Arrays) -> dict:
+  """What reference statistics are a function of: the feature network's identity and
+  the data's key (`pipeline.Arrays.key`: directory, version, split, size, subset,
+  count)."""
+  if arrays.key is None:
+    raise ValueError("reference statistics are cached by their data's key; arrays in "
+                     "memory (`Arrays.of`) have none: open the split with "
+                     "`data.pipeline.open_arrays`")
+  return {"format": STATS_FORMAT, "features": net.identity or net.source, "data": arrays.key}
+
+
+def reference_path(net: FeatureNet, arrays: pipeline.Arrays):
+  """`<net.stats_dir>/<dataset>_<split>[_<size>]_<hash of reference_key>.npz`."""
+  key = reference_key(net, arrays)
+  split = arrays.key.get("split", "")
+  tag = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{arrays.name}_{split}").strip("_")
+  size = arrays.key.get("image_size") or 0
+  return io.path(net.stats_dir) / f"{tag}{f'_{size}' if size else ''}_{_settings_hash(key)}.npz"
+
+
+def _split_features(net: FeatureNet, arrays: pipeline.Arrays, mesh, batch: int, *,
+                    keep: bool, stop=None):
+  """(float64 `Moments`, features float32 [N, D], labels int32 [N]) of a split under
+  `net`, batch by batch, sharded (each host reads its devices' rows); features and
+  labels None unless `keep`."""
   fn = jax.jit(lambda p, x: net.image(p, x)[1])
-  out = []
-  for i in range(0, len(images), batch):
-    x = images[i:i + batch]
-    padded = parallel.padded_size(len(x), mesh)
-    out.append(parallel.to_host(fn(net.params, parallel.shard_padded(x, padded, mesh)))[:len(x)])
-  return np.concatenate(out).astype(np.float64)
+  moments, feats, labels = None, [], []
+  for _, count, b in arrays.sharded_batches(batch, mesh):
+    _check(stop)
+    f = parallel.to_host(fn(net.params, b["image"]))[:count]
+    moments = (moments or metrics_lib.Moments.zeros(f.shape[1])).update(f)
+    if keep:
+      feats.append(f.astype(np.float32))
+      labels.append(parallel.to_host(b["label"])[:count])
+  if moments is None:
+    raise ValueError(f"reference split {arrays.name}:{arrays.key.get('split')} is empty")
+  if not keep:
+    return moments, None, None
+  return moments, np.concatenate(feats), np.concatenate(labels)
 
 
-def reference_stats(net: FeatureNet, data_name: str, split: str, mesh, *, data_dir=None,
-                    image_size=None, batch: int = 256) -> dict:
-  """{'mu', 'sigma', 'features', 'path'} of a real split under the feature network,
-  cached as `<net.stats_dir>/<data_name>_<split>[_<size>].npz`. A cached file with only
-  mu and sigma (another FID tool's) gives features None."""
-  tag = f"{data_name}_{split}".replace("/", "_").replace("[", "_").replace("]", "").replace(":", "-")
-  path = os.path.join(net.stats_dir, tag + (f"_{image_size}" if image_size else "") + ".npz")
-  if os.path.exists(path):
-    with np.load(path) as f:
-      return {"mu": f["mu"], "sigma": f["sigma"], "path": path,
-              "features": f["features"] if "features" in f.files else None}
-  images, _ = data.load_arrays(data_name, split, data_dir, image_size=image_size)
-  feats = _features_of_arrays(net, images, mesh, batch)
-  mu, sigma = metrics_lib.Moments.zeros(feats.shape[1]).update(feats).mean_cov()
-  stats = {"mu": mu, "sigma": sigma, "features": feats.astype(np.float32)}
+def reference_stats(net: FeatureNet, arrays: pipeline.Arrays, mesh, *, batch: int = 256,
+                    features: bool = True, stop=None) -> dict:
+  """{'mu', 'sigma', 'features', 'labels', 'path'} of a real split (`arrays`:
+  `data.pipeline.open_arrays`) under the feature network, streamed batch by batch
+  (float64 moments, never the images) and cached as `reference_path(net, arrays)`
+  (with `key`, the JSON it is keyed on). features: also keep the feature vectors
+  float32 [N, D] and labels (KID, precision/recall, clip_score_real); without them
+  (Fréchet distances only) the memory is O(D²) whatever N, and a later call that asks
+  for them computes the file again. A cached file with only mu and sigma and no key
+  (another FID tool's, dropped under that name) is used as it is: features and labels
+  None. stop: called before every batch."""
+  path = reference_path(net, arrays)
+  if _agreed(path.exists()):
+    f = _read_npz(path)
+    if not _agreed(features and "features" not in f and "key" in f):
+      return {"mu": f["mu"], "sigma": f["sigma"], "path": str(path),
+              "features": f.get("features"), "labels": f.get("labels")}
+  moments, feats, labels = _split_features(net, arrays, mesh, batch, keep=features,
+                                           stop=stop)
+  mu, sigma = moments.mean_cov()
+  stats = {"mu": mu, "sigma": sigma, "features": feats, "labels": labels}
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **stats)
-    os.replace(tmp, path)
-  return {**stats, "path": path}
+    key = json.dumps(reference_key(net, arrays), sort_keys=True)
+    io.write_atomic(path, _npz_bytes({**{k: v for k, v in stats.items() if v is not None},
+                                      "key": np.asarray(key)}))
+    logging.info("Reference statistics of %s under %s: %s", key, net.name, path)
+  return {**stats, "path": str(path)}
 
 
 # ----------------------------------------------------------------------------------
@@ -248,17 +336,20 @@ def reference_stats(net: FeatureNet, data_name: str, split: str, mesh, *, data_d
 
 
 def bits_per_dim(lik: tasks.Likelihood, params, images, mesh, *, method: str,
-                 num_steps: int, seed: int = 0, batch: int = 256) -> np.ndarray:
-  """Bits/dim [N] of 8-bit images [N,H,W,C] in [-1, 1] under a model's `Likelihood`
-  (its unconditional prediction), by `diffusion/likelihood.py`:
+                 num_steps: int, seed: int = 0, batch: int = 256, stop=None) -> np.ndarray:
+  """Bits/dim [N] of 8-bit images [N,H,W,C] in [-1, 1] (numpy, or a split read batch
+  by batch: `data.pipeline.Arrays`) under a model's `Likelihood` (its unconditional
+  prediction), by `diffusion/likelihood.py`:
   'vlb' — `vlb_terms`, the DDPM bound with the discretised decoder, summed exactly
   over the grid (a discrete path's own T steps; a continuous path's
   `geometric_grid(num_steps)`); 'ode' — `bits_per_dim_dequantized`, the PF-ODE (RK4,
   num_steps, Hutchinson divergence) of uniformly dequantised data in bins of 2/256,
   + D·log 128 nats. Example i is scored alone, as a batch of one with the key
-  fold_in(key(seed), i): independent of the batch size and of the device count."""
+  fold_in(key(seed), i): independent of the batch size and of the device count.
+  stop: called before every batch (`make_evaluator`)."""
   path, prediction = lik.path, lik.prediction
-  dims = int(np.prod(images.shape[1:]))
+  arrays = _as_arrays(images)
+  dims = int(np.prod(arrays.image_shape))
 
   def one(params, x, key):
     x = x[None]
@@ -278,20 +369,21 @@ def bits_per_dim(lik: tasks.Likelihood, params, images, mesh, *, method: str,
 
   fn = jax.jit(scores)
   out = []
-  for i in range(0, len(images), batch):
-    x = images[i:i + batch]
-    padded = parallel.padded_size(len(x), mesh)
+  for i, count, b in arrays.sharded_batches(batch, mesh):
+    _check(stop)
+    padded = b["image"].shape[0]
     idx = np.arange(i, i + padded, dtype=np.int32)
-    out.append(parallel.to_host(fn(params, parallel.shard_padded(x, padded, mesh),
-                                   parallel.shard_padded(idx, padded, mesh)))[:len(x)])
+    out.append(parallel.to_host(fn(params, b["image"],
+                                   parallel.shard_padded(idx, padded, mesh)))[:count])
   return np.concatenate(out)
 
 
 def bound_bits_per_dim(bound: tasks.Bound, params, images, labels, mesh, *,
-                       num_samples: int, seed: int = 0, batch: int = 256) -> dict:
+                       num_samples: int, seed: int = 0, batch: int = 256, stop=None) -> dict:
   """Bits/dim {"elbo": [N], "iwae": [N]} of 8-bit images [N,H,W,C] in [-1, 1] (labels
-  [N]) under a latent-variable model's `Bound` (ELBO, Kingma & Welling 2014; IWAE
-  with k = num_samples importance samples, Burda et al. 2016; both ≤ log p).
+  [N]; or a split read batch by batch, `data.pipeline.Arrays`, with labels None) under
+  a latent-variable model's `Bound` (ELBO, Kingma & Welling 2014; IWAE with k =
+  num_samples importance samples, Burda et al. 2016; both ≤ log p).
 
   Example i has the key k_i = fold_in(key(seed), i). A `discrete` bound is a bound on
   the log-mass of the discrete data the model describes (the 8-bit values n; for a
@@ -306,8 +398,9 @@ def bound_bits_per_dim(bound: tasks.Bound, params, images, labels, mesh, *,
   an upper bound in expectation on the bits/dim of the model's discretisation
   P(n) = ∫_bin p (Theis et al. 2016). Independent of the batch size and the devices
   when `log_bounds` draws example i's latents from its key alone (the capability's
-  contract)."""
-  dims = int(np.prod(images.shape[1:]))
+  contract). stop: called before every batch (`make_evaluator`)."""
+  arrays = _as_arrays(images, labels)
+  dims = int(np.prod(arrays.image_shape))
   offset = 0.0 if bound.discrete else dims * math.log(128.0)
 
   def scores(params, x, y, indices):
@@ -321,14 +414,13 @@ def bound_bits_per_dim(bound: tasks.Bound, params, images, labels, mesh, *,
 
   fn = jax.jit(scores)
   out = {"elbo": [], "iwae": []}
-  for i in range(0, len(images), batch):
-    x, y = images[i:i + batch], labels[i:i + batch]
-    padded = parallel.padded_size(len(x), mesh)
+  for i, count, b in arrays.sharded_batches(batch, mesh):
+    _check(stop)
+    padded = b["image"].shape[0]
     idx = np.arange(i, i + padded, dtype=np.int32)
-    res = fn(params, parallel.shard_padded(x, padded, mesh),
-             parallel.shard_padded(y, padded, mesh), parallel.shard_padded(idx, padded, mesh))
+    res = fn(params, b["image"], b["label"], parallel.shard_padded(idx, padded, mesh))
     for m in out:
-      out[m].append(parallel.to_host(res[m])[:len(x)])
+      out[m].append(parallel.to_host(res[m])[:count])
   return {m: np.concatenate(v) for m, v in out.items()}
 
 
@@ -353,13 +445,15 @@ def evaluate(workdir: str, *, overrides: dict | None = None, step: int | None = 
 
 
 def make_evaluator(config, info, workdir: str, mesh, *, use_ema: bool = True):
-  """evaluate(step, params, *, max_batches=None, extra=None) -> results | None for the
-  model of `config` on data `info`, writing to `<workdir>/eval/`; every setting is
-  config.eval's (the sampler config.sample's). The feature networks, the compiled
-  sampler and the reference statistics are built once, so the training loop calls it
-  every `config.eval.every` steps (`loop.train(make_evaluator=)`). extra: numbers
-  recorded beside the results (the loop's training wall time). use_ema: recorded in
-  the settings (which parameters `params` are).
+  """evaluate(step, params, *, max_batches=None, extra=None, stop=None) -> results |
+  None for the model of `config` on data `info`, writing to `<workdir>/eval/`; every
+  setting is config.eval's (the sampler config.sample's). The feature networks, the
+  compiled sampler and the reference statistics are built once, so the training loop
+  calls it every `config.eval.every` steps (`loop.train(make_evaluator=)`). extra:
+  numbers recorded beside the results (the loop's training wall time). stop: called
+  before every batch on every process (the same number of times on each; it raises
+  to abandon the evaluation, whose finished batches of samples stay saved). use_ema:
+  recorded in the settings (which parameters `params` are).
 
   Sample metrics (fd, kid, pr, acc, is, clip_score) need a feature network
   (`feature_networks`); sample i is conditioned on label i mod C (C: the classes the
@@ -440,33 +534,33 @@ def make_evaluator(config, info, workdir: str, mesh, *, use_ema: bool = True):
       lpips_variables = jax.device_put(lpips_lib.load(e.lpips_weights),
                                        parallel.replicated(mesh))
 
-  # The reference split, loaded once (not at every evaluation).
-  ref_images = ref_labels = None
+  # The reference split, opened once and read batch by batch at every evaluation.
+  ref_arrays = None
   if set(metrics) & (set(LIKELIHOOD_METRICS) | set(BOUND_METRICS) | set(RECONSTRUCTION_METRICS)):
-    ref_images, ref_labels = data.load_arrays(ds["name"], e.reference_split,
-                                              ds["data_dir"], image_size=ds["image_size"])
-  lik = slice(0, e.likelihood_images)
-  rec = slice(0, e.num_samples)
+    ref_arrays = pipeline.open_arrays(ds["name"], e.reference_split, ds["data_dir"],
+                                      image_size=ds["image_size"])
 
-  def evaluate_fn(step: int, params, *, max_batches=None, extra=None):
+  def evaluate_fn(step: int, params, *, max_batches=None, extra=None, stop=None):
     results = {"checkpoint_step": step, "seed": e.seed,
                "reference": f"{ds['name']}:{e.reference_split}", **(extra or {})}
     if sample_metrics is not None:
-      sample_results = sample_metrics(step, params, max_batches)
+      sample_results = sample_metrics(step, params, max_batches, stop)
       if sample_results is None:
         return None
       results.update(sample_results)
     for m in LIKELIHOOD_METRICS:
       if m in metrics:
-        bpd = bits_per_dim(task.likelihood, params, ref_images[lik], mesh, method=m[4:],
-                           num_steps=e.likelihood_steps, seed=e.seed, batch=batch_size)
+        bpd = bits_per_dim(task.likelihood, params, ref_arrays.first(e.likelihood_images),
+                           mesh, method=m[4:], num_steps=e.likelihood_steps, seed=e.seed,
+                           batch=batch_size, stop=stop)
         results[m] = float(np.mean(bpd))
         results[m + "_stderr"] = float(np.std(bpd) / np.sqrt(len(bpd)))
         results["likelihood_images"] = len(bpd)
         results["likelihood_steps"] = e.likelihood_steps
     if set(metrics) & set(BOUND_METRICS):
-      bpd = bound_bits_per_dim(task.bound, params, ref_images[lik], ref_labels[lik], mesh,
-                               num_samples=e.iwae_samples, seed=e.seed, batch=batch_size)
+      bpd = bound_bits_per_dim(task.bound, params, ref_arrays.first(e.likelihood_images),
+                               None, mesh, num_samples=e.iwae_samples, seed=e.seed,
+                               batch=batch_size, stop=stop)
       for m in asked(BOUND_METRICS):
         results[m] = float(np.mean(bpd[m[4:]]))
         results[m + "_stderr"] = float(np.std(bpd[m[4:]]) / np.sqrt(len(bpd[m[4:]])))
@@ -474,14 +568,12 @@ def make_evaluator(config, info, workdir: str, mesh, *, use_ema: bool = True):
       results["iwae_samples"] = e.iwae_samples
     if set(metrics) & set(RECONSTRUCTION_METRICS):
       results.update(reconstruction.reconstruction_metrics(
-          task.autoencoder, params, ref_images[rec], ref_labels[rec], mesh,
+          task.autoencoder, params, ref_arrays.first(e.num_samples), None, mesh,
           metrics=asked(RECONSTRUCTION_METRICS), nets=nets, lpips_variables=lpips_variables,
-          batch=batch_size))
+          batch=batch_size, stop=stop))
     if jax.process_index() == 0:
-      eval_dir = os.path.join(workdir, "eval")
-      os.makedirs(eval_dir, exist_ok=True)
-      with open(os.path.join(eval_dir, f"{step}.json"), "w") as f:
-        json.dump(results, f, indent=2)
+      eval_dir = io.path(workdir) / "eval"
+      io.write_atomic(eval_dir / f"{step}.json", json.dumps(results, indent=2))
       writer = writers.MetricWriter(eval_dir)
       writer.write(step, {k: v for k, v in results.items()
                           if isinstance(v, float) and k != "guidance"})
@@ -495,6 +587,42 @@ def _settings_hash(settings: dict) -> str:
   return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
+_CHUNK = re.compile(r"^(\d+)-(\d+)\.npz$")  # a partial state's chunk: samples [start, stop)
+
+
+def _chunk_name(start: int, stop: int) -> str:
+  return f"{start:010d}-{stop:010d}.npz"
+
+
+def _read_partial(directory, keys, agreed=int) -> tuple[int, dict]:
+  """(samples done, {key: [arrays per chunk]}) of an evaluation's partial state: the
+  chunks of `directory` that continue one another from sample 0 (each chunk is written
+  whole by `io.write_atomic` or not at all; anything else there, such as another
+  writer's temporary, is ignored). agreed(n) -> the count every process resumes from
+  (process 0's: `_agreed`)."""
+  chunks = [] if not directory.exists() else sorted(
+      (int(m[1]), int(m[2]), p) for p in directory.iterdir() if (m := _CHUNK.match(p.name)))
+  contiguous, done = [], 0
+  for start, stop, p in chunks:
+    if start != done:
+      break
+    contiguous.append((stop, p))
+    done = stop
+  agreed_done, done, acc = agreed(done), 0, {k: [] for k in keys}
+  for stop, p in contiguous:
+    if stop > agreed_done:
+      break
+    f = _read_npz(p)
+    for k in keys:
+      acc[k].append(f[k])
+    done = stop
+  if done != agreed_done:
+    raise FileNotFoundError(f"{directory}: process 0 resumes after sample {agreed_done}, "
+                            f"this process sees finished batches up to sample {done} only "
+                            "(the workdir must be one shared directory on every host)")
+  return done, acc
+
+
 def _sample_metrics_fn(config, info, generator, workdir, nets, metrics, batch_size,
                        use_ema, ds, mesh):
   """The sample-quality part of the evaluator: (step, params, max_batches) -> results.
@@ -503,9 +631,10 @@ def _sample_metrics_fn(config, info, generator, workdir, nets, metrics, batch_si
   e, s = config.eval, config.sample
   sources = {net.name: net.source for net in nets}
   settings = {"num_samples": e.num_samples, "batch_size": batch_size, "seed": e.seed,
-              "use_ema": use_ema, "feature_networks": sources,
+              "use_ema": use_ema,
+              "feature_networks": {net.name: net.identity or net.source for net in nets},
               "sample": json.loads(s.to_json_best_effort(sort_keys=True))}
-  num_samples, eval_dir = e.num_samples, os.path.join(workdir, "eval")
+  num_samples, eval_dir = e.num_samples, io.path(workdir) / "eval"
   ncls = generator.num_classes
   labels_all = generate.resolve_labels(ncls, num_samples)
   text_nets = [net for net in nets if net.text is not None]
@@ -528,27 +657,30 @@ def _sample_metrics_fn(config, info, generator, workdir, nets, metrics, batch_si
   compiled = generate.compile_sampler(sample_features, generator.frozen)
   f_params = {net.name: net.params for net in nets}
   key = jax.random.key(e.seed)
-  refs = {}
+  refs, splits = {}, {}
 
-  def ref(net, split):
+  def ref(net, split, stop=None):
     if (net.name, split) not in refs:
-      refs[net.name, split] = reference_stats(net, ds["name"], split, mesh,
-                                              data_dir=ds["data_dir"],
-                                              image_size=ds["image_size"])
+      if split not in splits:
+        splits[split] = pipeline.open_arrays(ds["name"], split, ds["data_dir"],
+                                             image_size=ds["image_size"])
+      # The feature vectors only where a metric needs them (FD needs the moments).
+      keep = ({"kid", "pr", "clip_score"} if split == e.reference_split else {"kid"})
+      refs[net.name, split] = reference_stats(net, splits[split], mesh,
+                                              features=bool(keep & set(metrics)), stop=stop)
     return refs[net.name, split]
 
-  def sample_metrics(step, params, max_batches):
-    partial = os.path.join(eval_dir, f"partial_{step}_{_settings_hash(settings)}.npz")
-    done, acc = 0, {f"{n}_{k}": [] for n in sources for k in ("features", "logits")}
-    if os.path.exists(partial):
-      with np.load(partial) as f:
-        done = int(f["done"])
-        acc = {k: [f[k]] for k in acc}
+  def sample_metrics(step, params, max_batches, stop=None):
+    partial = eval_dir / f"partial_{step}_{_settings_hash(settings)}"
+    keys = [f"{n}_{k}" for n in sources for k in ("features", "logits")]
+    done, acc = _read_partial(partial, keys, _agreed)
+    if done:
       logging.info("Resuming evaluation from %s (%d of %d samples)", partial, done, num_samples)
     batches = 0
     while done < num_samples:
       if max_batches is not None and batches == max_batches:
         return None
+      _check(stop)
       n = min(batch_size, num_samples - done)
       cond = generator.conditioning(labels_all[done:done + n])
       out = generate.generate(compiled, params, cond, key, mesh, f_params, offset=done)
@@ -559,13 +691,11 @@ def _sample_metrics_fn(config, info, generator, workdir, nets, metrics, batch_si
                                    f"{s.sampler!r})")
         acc[f"{name}_features"].append(ft.astype(np.float32))
         acc[f"{name}_logits"].append(lg.astype(np.float32))
+      if jax.process_index() == 0:   # this batch alone, appended as one whole file
+        io.write_atomic(partial / _chunk_name(done, done + n),
+                        _npz_bytes({k: acc[k][-1] for k in keys}))
       done += n
       batches += 1
-      if jax.process_index() == 0:
-        os.makedirs(eval_dir, exist_ok=True)
-        tmp = partial + ".tmp.npz"
-        np.savez(tmp, done=done, **{k: np.concatenate(v) for k, v in acc.items()})
-        os.replace(tmp, partial)
 
     results = {"num_samples": num_samples, "sampler": s.sampler, "num_steps": s.num_steps,
                "guidance": s.guidance, "feature_networks": sources,
@@ -575,33 +705,31 @@ def _sample_metrics_fn(config, info, generator, workdir, nets, metrics, batch_si
       feats = np.concatenate(acc[f"{net.name}_features"]).astype(np.float64)
       logits = np.concatenate(acc[f"{net.name}_logits"])
       results.update(_metrics_of(net, feats, logits, labels_all, ncls, metrics,
-                                 lambda split, net=net: ref(net, split), e))
+                                 lambda split, net=net: ref(net, split, stop), e))
       if "clip_score" in metrics and net.text is not None:
         suffix = "" if len(text_nets) == 1 else f"_{net.name}"
-        scores = _clip_scores(net, feats, labels_all, ncls, ref(net, e.reference_split),
-                              config, ds)
+        scores = _clip_scores(net, feats, labels_all, ncls, ref(net, e.reference_split))
         results.update({k + suffix: v for k, v in scores.items()})
-    if jax.process_index() == 0 and os.path.exists(partial):
-      os.remove(partial)
+    if jax.process_index() == 0 and partial.exists():
+      partial.rmtree()
     return results
 
   return sample_metrics
 
 
-def _clip_scores(net, feats, labels, ncls, reference, config, ds) -> dict:
+def _clip_scores(net, feats, labels, ncls, reference) -> dict:
   """clip_score of samples (feats: their image embeddings [N, D] under `net`, captioned
   by their labels) and clip_score_real of the reference split's real images."""
   tokens = text_lib.encode([text_lib.digit_caption(c, 0) for c in range(ncls)],
                            net.max_length)
   text = np.asarray(jax.jit(net.text)(jax.device_get(net.params), tokens), np.float64)  # [C, D]
   score = lambda f, y: float(100 * np.mean(np.maximum(np.sum(f * text[y], axis=1), 0.0)))
-  if reference["features"] is None:
+  if reference["features"] is None or reference["labels"] is None:
     raise ValueError(f"{reference['path']} holds only mu and sigma: clip_score_real needs "
-                     "the reference features; remove it to recompute")
-  real_labels = data.load_arrays(ds["name"], config.eval.reference_split,
-                                 ds["data_dir"], image_size=ds["image_size"])[1]
+                     "the reference features and labels; remove it to recompute")
   return {"clip_score": score(feats, labels),
-          "clip_score_real": score(np.asarray(reference["features"], np.float64), real_labels)}
+          "clip_score_real": score(np.asarray(reference["features"], np.float64),
+                                   np.asarray(reference["labels"], np.int64))}
 
 
 def _metrics_of(net, feats, logits, labels, ncls, metrics, ref, e) -> dict:
@@ -610,8 +738,8 @@ def _metrics_of(net, feats, logits, labels, ncls, metrics, ref, e) -> dict:
   out, name = {}, net.name
   reference = ref(e.reference_split)
   floor = ref(e.floor_split) if {"fd", "kid"} & set(metrics) else None
-  for r in (reference, floor):
-    if r is not None and r["features"] is None and {"kid", "pr"} & set(metrics):
+  for r, needs in ((reference, {"kid", "pr"}), (floor, {"kid"})):
+    if r is not None and r["features"] is None and needs & set(metrics):
       raise ValueError(f"{r['path']} holds only mu and sigma (another FID tool's file?): "
                        "kid and pr need the reference features; remove it to recompute")
   if "fd" in metrics:

@@ -113,6 +113,42 @@ def test_arrays_match_raw_sources(data_dir):
   )
 
 
+def test_open_arrays_reads_a_split_batch_by_batch(data_dir):
+  """`open_arrays` (evaluation's reader): batches of at most batch_size in stored order
+  that make up `load_arrays` (with a subset too); global batches sharded over 8
+  devices, zero-padded to a multiple of 8, equal the 1-device ones; the key names the
+  prepared directory, split, size, subset and count."""
+  import jax
+  from diffusion_jax import config as config_lib, parallel
+  from diffusion_jax.data import pipeline
+
+  arrays = pipeline.open_arrays("sklearn_digits", "train", data_dir, labels=(3, 9))
+  images, labels = data.load_arrays("sklearn_digits", "train", data_dir, labels=(3, 9))
+  batches = list(arrays.batches(64))
+  assert [s for s, _, _ in batches] == list(range(0, len(images), 64))
+  assert max(len(x) for _, x, _ in batches) == 64 and len(arrays) == len(images) == 303
+  np.testing.assert_array_equal(np.concatenate([x for _, x, _ in batches]), images)
+  np.testing.assert_array_equal(np.concatenate([y for _, _, y in batches]), labels)
+  assert arrays.key == {"name": "sklearn_digits", "dir": str(data.prepare(
+      "sklearn_digits", data_dir).data_dir), "version": "1.0.0", "split": "train",
+      "image_size": 0, "labels": [3, 9], "max_examples": 0, "num_examples": 303}
+  assert arrays.first(10).key["num_examples"] == 10 and len(arrays.first(10)) == 10
+  assert arrays.read(300, 400)[0].shape == (3, 8, 8, 1)
+  assert arrays.read(303, 310)[0].shape == (0, 8, 8, 1)
+
+  got = {}
+  for n in (1, 8):
+    mesh = parallel.make_mesh(config_lib.base().mesh, jax.devices()[:n])
+    got[n] = [(s, c, parallel.to_host(b["image"]), parallel.to_host(b["label"]))
+              for s, c, b in arrays.first(50).sharded_batches(20, mesh)]
+  assert [(s, c, len(x)) for s, c, x, _ in got[8]] == [(0, 20, 24), (20, 20, 24), (40, 10, 16)]
+  for (s, c, x, y), (_, _, x1, y1) in zip(got[8], got[1]):
+    np.testing.assert_array_equal(x[:c], images[s:s + c])
+    np.testing.assert_array_equal(x[:c], x1[:c])
+    np.testing.assert_array_equal(y[:c], labels[s:s + c])
+    assert not x[c:].any() and not y[c:].any()
+
+
 def test_batches_values_and_raw_membership(data_dir):
   images, labels = data.load_arrays("sklearn_digits", "train", data_dir)
   batch = next(data.make_train_iterator(_config(data_dir), seed=0))

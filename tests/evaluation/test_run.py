@@ -65,7 +65,7 @@ def test_training_loop_evaluates_periodically(runs):
     assert np.isfinite(r["fd_domain"]) and 0 <= r["acc_domain"] <= 1
 
 
-def test_evaluate_command(runs, evaluated):
+def test_evaluate_command(runs, evaluated, data_dir):
   stdout, results = evaluated
   assert json.loads(stdout) == results
   for k in ("fd_domain", "fd_domain_floor", "kid_domain", "kid_domain_floor",
@@ -75,9 +75,15 @@ def test_evaluate_command(runs, evaluated):
   assert results["fd_domain"] >= 0 and len(results["acc_domain_per_class"]) == 10
   assert results["reference"] == "sklearn_digits:test"
   assert not [f for f in os.listdir(runs / "model" / "eval") if f.startswith("partial")]
-  assert os.path.exists(runs / "cls" / "ref_stats" / "sklearn_digits_test.npz")
-  with np.load(runs / "cls" / "ref_stats" / "sklearn_digits_test.npz") as f:
+  # Cached per feature network, keyed by its run and checkpoint step and by the data.
+  [stats] = (runs / "cls" / "ref_stats").glob("sklearn_digits_test_*.npz")
+  with np.load(stats) as f:
     assert f["mu"].shape == (16,) and f["sigma"].shape == (16, 16)  # pytorch-fid layout
+    key = json.loads(str(f["key"]))
+  assert key["features"] == f"{runs / 'cls'}@step=4"
+  assert key["data"]["split"] == "test" and key["data"]["num_examples"] == 296
+  assert key["data"]["dir"].startswith(str(data_dir))
+  assert not [f for f in os.listdir(runs / "cls" / "ref_stats") if ".tmp" in f]
   model = str(runs / "model")
   with pytest.raises(ValueError, match=f"feature_workdir={model} is a config.task="
                      "'diffusion' run, which provides no features"):
@@ -135,8 +141,9 @@ def test_bits_per_dim_are_the_likelihood_module_s(runs, evaluated, data_dir):
 
 
 def test_interrupted_on_8_devices_equals_uninterrupted_on_1(runs, evaluated):
-  """The command above ran on 1 device; here 8 devices, stopped after one batch, then
-  resumed: the same numbers. Both equal the training loop's own evaluation."""
+  """The command above ran on 1 device; here 8 devices, stopped after one batch twice
+  (the partial state grows by one file per batch, never rewritten), then resumed: the
+  same numbers. Both equal the training loop's own evaluation."""
   _, ref = evaluated
   loop = json.loads((runs / "model" / "loop_eval" / "4.json").read_text())
   for k, v in loop.items():
@@ -147,8 +154,18 @@ def test_interrupted_on_8_devices_equals_uninterrupted_on_1(runs, evaluated):
   mesh = parallel.make_mesh(config_lib.base().mesh, jax.devices())
   assert eval_run.evaluate(str(runs / "model"), overrides=overrides, mesh=mesh,
                            max_batches=1) is None
-  assert [f for f in os.listdir(runs / "model" / "eval") if f.startswith("partial")]
+  [partial] = [p for p in (runs / "model" / "eval").iterdir() if p.name.startswith("partial_4_")]
+  [first] = partial.iterdir()   # one file per finished batch: samples 0..15
+  assert first.name == "0000000000-0000000016.npz"
+  before = (first.stat().st_mtime_ns, first.stat().st_ino, first.read_bytes())
+  assert eval_run.evaluate(str(runs / "model"), overrides=overrides, mesh=mesh,
+                           max_batches=1) is None
+  # Resumed after batch 1; batch 2 is appended, batch 1 is not rewritten.
+  assert sorted(p.name for p in partial.iterdir()) == ["0000000000-0000000016.npz",
+                                                      "0000000016-0000000032.npz"]
+  assert (first.stat().st_mtime_ns, first.stat().st_ino, first.read_bytes()) == before
   res = eval_run.evaluate(str(runs / "model"), overrides=overrides, mesh=mesh)
+  assert not partial.exists()
   for k, v in ref.items():
     if k.startswith("bpd") or k.startswith("likelihood"):
       continue  # (not recomputed here: a per-example vmap, device-independent by construction)
