@@ -7,6 +7,7 @@ import jax
 import optax
 
 from diffusion_jax import parallel
+from diffusion_jax.training import state
 
 
 def schedule(optim_cfg, num_steps: int):
@@ -47,7 +48,9 @@ def make(optim_cfg, num_steps: int, patterns=None):
   """Returns (optax transformation, schedule). With config.optim.trainable (or the
   `patterns`, a task's own choice, e.g. a fine-tuning method's), only the
   matching parameters are updated and only they have optimizer state (the frozen ones
-  go through `optax.set_to_zero`, whose state is empty): memory follows what trains."""
+  go through `optax.set_to_zero`, whose state is empty): memory follows what trains.
+  The optimizer state and updates are float32 whatever the parameters' dtype
+  (`in_float32`)."""
   sched = schedule(optim_cfg, num_steps)
   if optim_cfg.name == "adamw":
     opt = optax.adamw(sched, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
@@ -61,8 +64,25 @@ def make(optim_cfg, num_steps: int, patterns=None):
   # Always a chain, so the optimizer state's structure does not depend on whether
   # clipping is on (a resumed run may change optim.grad_clip).
   clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
-  return masked(optax.chain(optax.clip_by_global_norm(clip), opt),
+  return masked(in_float32(optax.chain(optax.clip_by_global_norm(clip), opt)),
                 trainable(optim_cfg.trainable if patterns is None else patterns)), sched
+
+
+def in_float32(tx):
+  """tx computed in at least float32: the gradients and parameters it is given are
+  widened (`state.widen`: bfloat16, float16 → float32) first, so its state (Adam's
+  moments, SGD's momentum) is float32 and so are the updates it returns, which
+  optax.apply_updates adds to the parameters in float32 before rounding the sum to the
+  parameters' dtype. Same state structure as tx; on float32 parameters it is tx.
+  (optax.adam's mu_dtype covers the first moment only.)"""
+  widen = lambda tree: jax.tree.map(state.widen, tree)
+
+  def init(params):
+    return tx.init(widen(params))
+
+  def update(updates, opt_state, params=None):
+    return tx.update(widen(updates), opt_state, None if params is None else widen(params))
+  return optax.GradientTransformation(init, update)
 
 
 def masked(tx, mask):

@@ -14,6 +14,10 @@ network dropout draws one mask per call from a single key, so with model.dropout
 the pmap path (one call per device) differs from the jit path; jit on any number of
 devices and hosts still agrees (threefry is partitionable).
 
+Precision: each player's optimizer state and updates are at least float32, and so is
+the EMA of its trained leaves, whatever model.param_dtype (`optim.in_float32`,
+`state.ema_init`); the updated parameters are rounded to their own dtype.
+
 A player with `start` > 0 changes nothing (parameters, optimizer state; its EMA
 follows its unchanged parameters) before step `start`.
 

@@ -142,7 +142,8 @@ def apply(config, state, mesh, shardings):
   ema = state.ema_params
   if ema:
     ema = traverse_util.unflatten_dict(
-        {p: flat.get(p, v) for p, v in traverse_util.flatten_dict(ema, sep="/").items()},
+        {p: flat[p].astype(v.dtype) if p in flat else v
+         for p, v in traverse_util.flatten_dict(ema, sep="/").items()},
         sep="/")
   # Every leaf onto the state's sharding, copied on device (the EMA and the parameters
   # must not share buffers: the step donates the state; a grown table, built on the
