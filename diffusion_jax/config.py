@@ -8,6 +8,7 @@ types cannot (names of paths, samplers, datasets' divisibility) and names the ke
 from __future__ import annotations
 
 import json
+import math
 
 import ml_collections
 from ml_collections import config_dict
@@ -329,12 +330,16 @@ def base() -> ml_collections.ConfigDict:
   c.train.async_checkpointing = True
   c.train.ema_decay = 0.999
   c.train.on_nonfinite = "skip"           # skip (keep the old state) | stop (raise)
+  c.train.max_nonfinite = 100             # 'skip': stop after this many non-finite steps in a row (0 = never)
+  c.train.allow_changes = ()              # resume despite a change of these keys (loop.GUARDED_KEYS)
+  c.train.profile_steps = ()              # (first, last): jax.profiler trace of these steps → <workdir>/tensorboard
   c.train.parallel = "jit"                # jit (sharded over the mesh) | pmap (one program per device)
 
   # Evaluation (`diffusion-jax-evaluate` defaults; every > 0 also runs it from the
   # training loop). Sample metrics need a feature network: a classifier run.
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 0                        # steps between evaluations in the loop; 0 = never
+  c.eval.on_error = "stop"                # an evaluation inside training fails: stop (cleanly, saved) | continue
   c.eval.metrics = ("fd", "kid", "pr", "acc")  # fd | kid | pr | acc | is | clip_score | bpd_vlb | bpd_ode | bpd_elbo | bpd_iwae | psnr | ssim | lpips | rfd
   c.eval.num_samples = 1000
   c.eval.batch_size = 256                 # global generation batch
@@ -408,6 +413,7 @@ _CHOICES = {
     "optim.name": ("adamw", "adam", "sgd"),
     "optim.schedule": ("cosine", "constant"),
     "train.on_nonfinite": ("skip", "stop"),
+    "eval.on_error": ("stop", "continue"),
     "train.parallel": ("jit", "pmap"),
 }
 _POSITIVE = ("data.batch_size", "train.num_steps", "train.log_every", "train.keep_checkpoints",
@@ -434,13 +440,17 @@ def validate(config) -> None:
   extra = set(config.keys()) - known
   if extra:
     raise ValueError(f"unknown top-level config key(s): {sorted(extra)}")
+  for key, value in _flatten(json.loads(to_json(config))).items():
+    values = value if isinstance(value, tuple) else (value,)
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+      raise ValueError(f"config.{key}={value!r} must be finite")
   for key, choices in _CHOICES.items():
     if get(config, key) not in choices:
       raise ValueError(f"config.{key}={get(config, key)!r}: expected one of {list(choices)}")
   for key in _POSITIVE:
     if get(config, key) <= 0:
       raise ValueError(f"config.{key}={get(config, key)!r} must be > 0")
-  for key in ("train.checkpoint_every", "train.sample_every", "optim.warmup_steps", "eval.every",
+  for key in ("train.checkpoint_every", "train.sample_every", "train.max_nonfinite", "optim.warmup_steps", "eval.every",
               "sample.per_class",
               "superres.low_res", "superres.noise_aug", "gan.gp_weight", "gan.r1_weight",
               "autoencoder.perceptual_weight", "autoencoder.kl_weight",
@@ -451,9 +461,24 @@ def validate(config) -> None:
     raise ValueError(f"config.diffusion.label_dropout={config.diffusion.label_dropout} "
                      "must be in [0, 1)")
   _validate_data_subsets(config)
+  _validate_train(config)
   if config.diffusion.time_sampling == "discrete" and config.diffusion.path != "vp_discrete":
     raise ValueError("config.diffusion.time_sampling='discrete' needs "
                      "config.diffusion.path='vp_discrete'")
+
+
+def _validate_train(config) -> None:
+  """train.profile_steps and train.allow_changes."""
+  profile = config.train.profile_steps
+  if profile and not (isinstance(profile, (tuple, list)) and len(profile) == 2
+                      and all(isinstance(s, int) and not isinstance(s, bool) for s in profile)
+                      and 1 <= profile[0] <= profile[1]):
+    raise ValueError(f"config.train.profile_steps={profile!r} must be () or (first, last) "
+                     "with 1 <= first <= last (steps counted from 1)")
+  allow = config.train.allow_changes
+  if not isinstance(allow, (tuple, list)) or not all(isinstance(k, str) for k in allow):
+    raise ValueError(f"config.train.allow_changes={allow!r} must be a tuple of config keys, "
+                     "e.g. ('seed', 'data.batch_size')")
 
 
 def _validate_data_subsets(config) -> None:
@@ -512,15 +537,17 @@ def _flatten(d, prefix=""):
   return out
 
 
-def structural_diff(saved, current) -> list[str]:
-  """Dotted structural keys whose values differ between two configs."""
+def diff(saved, current, keys=None) -> list[str]:
+  """'key: checkpoint has A, config has B' for every dotted key whose value differs
+  between two configs (only those that `keys(key)` accepts, when given)."""
   saved_flat = _flatten(json.loads(to_json(saved)))
   cur_flat = _flatten(json.loads(to_json(current)))
-  diffs = []
-  for key in sorted(set(saved_flat) | set(cur_flat)):
-    if key in COMPUTE_ONLY_KEYS:
-      continue
-    if any(key == s or key.startswith(s + ".") for s in STRUCTURAL_KEYS):
-      if saved_flat.get(key) != cur_flat.get(key):
-        diffs.append(f"{key}: checkpoint has {saved_flat.get(key)!r}, config has {cur_flat.get(key)!r}")
-  return diffs
+  return [f"{key}: checkpoint has {saved_flat.get(key)!r}, config has {cur_flat.get(key)!r}"
+          for key in sorted(set(saved_flat) | set(cur_flat))
+          if (keys is None or keys(key)) and saved_flat.get(key) != cur_flat.get(key)]
+
+
+def structural_diff(saved, current) -> list[str]:
+  """Dotted structural keys whose values differ between two configs."""
+  return diff(saved, current, lambda key: key not in COMPUTE_ONLY_KEYS and any(
+      key == s or key.startswith(s + ".") for s in STRUCTURAL_KEYS))

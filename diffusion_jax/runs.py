@@ -25,9 +25,16 @@ from jax.sharding import Mesh
 
 from diffusion_jax import checkpoint, config as config_lib, data, parallel
 
-__all__ = ["PARAMS", "Component", "dataset_info", "load", "metadata", "read"]
+__all__ = ["FORMAT", "PARAMS", "Component", "check_format", "dataset_info", "load",
+           "metadata", "read"]
 
 PARAMS = {"ema": "ema_params", "raw": "params"}
+
+# The version of what a checkpoint says about itself (`metadata`). 0: checkpoints
+# written before the version was recorded (same layout as 1, read as such). Raise it
+# when the layout changes, and teach `check_format` (or `dataset_info`) to read the
+# old one or say why not; config keys renamed since are read by `config.RENAMED`.
+FORMAT = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +65,25 @@ def _read(mngr, step):
     raise FileNotFoundError(f"no checkpoint of step {step} in {mngr.directory} (it has "
                             f"{sorted(mngr.all_steps())})")
   meta = checkpoint.read_meta(mngr, step)
+  check_format(meta, f"{mngr.directory}/{step}")
   return config_lib.from_json(meta["config"]), dataset_info(meta), step
+
+
+def check_format(meta: dict, where: str) -> int:
+  """The metadata format of a checkpoint (0 when it has none); raises ValueError
+  naming `where` for a format this version cannot read (a newer one)."""
+  version = meta.get("format", 0)
+  if not isinstance(version, int) or not 0 <= version <= FORMAT:
+    raise ValueError(f"checkpoint {where} has metadata format {version!r}; this diffusion_jax "
+                     f"reads formats 0..{FORMAT} (a newer version wrote it: upgrade "
+                     "diffusion_jax to read it)")
+  return version
 
 
 def metadata(config, info: data.DatasetInfo) -> dict:
   """What a checkpoint says about itself (the training loop saves it with every
   checkpoint): the config and the dataset's info. `read` is its inverse."""
-  return {"config": config_lib.to_json(config),
+  return {"format": FORMAT, "config": config_lib.to_json(config),
           "dataset": {"image_shape": list(info.image_shape), "num_classes": info.num_classes,
                       "num_examples": info.num_examples, "kind": info.kind,
                       "label_captions": info.label_captions,

@@ -84,6 +84,8 @@ def test_kill_9_resumes_from_last_complete_checkpoint(full_run, data_dir, tmp_pa
   proc.wait()
   run_cli("train", args)
   assert_trees_equal(load_state(tmp_path), load_state(full_run))
+  # each logged step once (rows after the resumed checkpoint were dropped on resume)
+  assert [m["step"] for m in read_metrics(tmp_path)] == [m["step"] for m in read_metrics(full_run)]
   left = os.listdir(tmp_path / "checkpoints")
   assert not [d for d in left if "tmp" in d], left
 
