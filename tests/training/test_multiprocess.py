@@ -170,3 +170,42 @@ def test_sigterm_to_both_processes_saves_one_agreed_step(data_dir, tmp_path):
     assert f"Preempted: saved step {saved[0]}" in log, log[-3000:]
   with open(os.path.join(w, "checkpoints", str(saved[0]), "data", "metadata")) as f:
     assert json.load(f) == {"next_index": saved[0]}
+
+
+@pytest.mark.slow  # ~1.5 min: two processes; SIGTERM while both evaluate
+def test_sigterm_during_an_evaluation_saves_on_both_processes(data_dir, tmp_path):
+  """SIGTERM to both processes while the periodic evaluation of step 3 runs (a long
+  one: 4,000 samples): they abandon it at the same batch (JAX's sync point, asked
+  between batches), save step 3 together and exit 0; no eval/3.json is written."""
+  w = str(tmp_path / "two")
+  port = _free_port()
+  procs = [_start(w, data_dir, tmp_path / f"process{i}.log", devices=1,
+                  extra=(f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                         f"--process_id={i}", "--cpu_collectives=gloo",
+                         "--config.train.num_steps=100000", "--config.train.checkpoint_every=0",
+                         "--config.sample.per_class=0", "--config.eval.every=3",
+                         "--config.eval.metrics=fd", "--config.eval.pixel_features=True",
+                         "--config.eval.num_samples=4000", "--config.eval.batch_size=16"))
+           for i in range(2)]
+  metrics = os.path.join(w, "metrics.jsonl")
+  deadline = time.monotonic() + TIMEOUT_S
+  while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+    if os.path.exists(metrics) and any(r["step"] == 3 for r in _rows(metrics)):
+      break
+    time.sleep(0.1)
+  time.sleep(2.0)  # into the evaluation of step 3
+  for p in procs:
+    p.send_signal(signal.SIGTERM)
+  _wait_all(procs, TIMEOUT_S)
+  saved = [int(d) for d in os.listdir(os.path.join(w, "checkpoints")) if d.isdigit()]
+  assert saved == [3], saved
+  for p in procs:
+    log = _tail(p.log_path, 20000)
+    assert "Preempted during the evaluation of step 3" in log, log[-3000:]
+    assert "Preempted: saved step 3" in log, log[-3000:]
+  assert not os.path.exists(os.path.join(w, "eval", "3.json"))
+
+
+def _rows(path):
+  from diffusion_jax import writers
+  return writers.read_metrics(path)
