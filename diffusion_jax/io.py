@@ -8,8 +8,11 @@ which brings gcsfs). Writers that must never leave a torn file use `write_atomic
 """
 from __future__ import annotations
 
+import contextlib
 import io as _io
 import os
+import shutil
+import tempfile
 import uuid
 
 import fsspec.config
@@ -42,6 +45,20 @@ def unique_tmp(p: PathLike) -> epath.Path:
   """A temporary name beside p that no other writer uses (`<name>.tmp-<uuid>`)."""
   p = path(p)
   return p.parent / f"{p.name}.tmp-{uuid.uuid4().hex[:12]}"
+
+
+@contextlib.contextmanager
+def local_file(p: PathLike):
+  """A local file name for p: p itself when local; for a cloud URI a temporary local
+  copy, removed on exit (for readers that need a real file, e.g. a memory map)."""
+  if not is_remote(p):
+    yield os.fspath(path(p))
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, path(p).name)
+    with path(p).open("rb") as r, open(local, "wb") as w:
+      shutil.copyfileobj(r, w)
+    yield local
 
 
 def upload_tree(local_dir: PathLike, dst: PathLike) -> None:

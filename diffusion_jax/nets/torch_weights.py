@@ -12,11 +12,8 @@ silently broken network.
 """
 from __future__ import annotations
 
-import contextlib
 import io as _io
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 
 import numpy as np
@@ -49,7 +46,7 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
     with io.path(path).open("rb") as fh, np.load(fh) as f:
       return {k: to_numpy(f[k]) for k in f.files}
   if path.endswith(".safetensors"):
-    with local_file(path) as local:
+    with io.local_file(path) as local:
       return _read_safetensors(local, path)
   try:
     import torch  # lazily: only reading a .pth needs it
@@ -62,20 +59,6 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
   with io.path(path).open("rb") as f:
     state_dict = torch.load(f, map_location="cpu", weights_only=True)
   return {k: to_numpy(v) for k, v in state_dict.items()}
-
-
-@contextlib.contextmanager
-def local_file(path):
-  """A local file name for `path`: the path itself when local; for a cloud URI a
-  temporary local copy, removed on exit (safetensors memory-maps a local file)."""
-  if not io.is_remote(path):
-    yield os.fspath(path)
-    return
-  with tempfile.TemporaryDirectory() as tmp:
-    local = os.path.join(tmp, io.path(path).name)
-    with io.path(path).open("rb") as r, open(local, "wb") as w:
-      shutil.copyfileobj(r, w)
-    yield local
 
 
 def _read_safetensors(local: str, path: str) -> dict[str, np.ndarray]:

@@ -165,6 +165,7 @@ def test_sigterm_to_both_processes_saves_one_agreed_step(data_dir, tmp_path):
   _wait_all(procs, TIMEOUT_S)  # fails unless both exit 0
   saved = [int(d) for d in os.listdir(os.path.join(w, "checkpoints")) if d.isdigit()]
   assert len(saved) == 1 and 0 < saved[0] < 100000, saved
+  print(f"SIGTERM to both: exit codes {[p.returncode for p in procs]}, saved step {saved[0]}")
   for p in procs:
     log = _tail(p.log_path, 20000)
     assert f"Preempted: saved step {saved[0]}" in log, log[-3000:]

@@ -40,9 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import config as config_lib, runs
+from diffusion_jax import config as config_lib, io, runs
 from diffusion_jax.data import text as text_lib
-from diffusion_jax.nets import adapters as adapters_lib, torch_weights
+from diffusion_jax.nets import adapters as adapters_lib
 from diffusion_jax.training import optim, state as state_lib
 from diffusion_jax.training.tasks import conditioning as cond_lib, diffusion, distill
 from diffusion_jax.training.tasks.base import Adapters, Player, Task
@@ -221,7 +221,7 @@ def read_adapters(path: str):
   checkpoints (`<workdir>/adapters/<step>.safetensors`; local or a cloud URI)."""
   from safetensors import safe_open
   try:
-    with torch_weights.local_file(path) as local, safe_open(local, framework="numpy") as f:
+    with io.local_file(path) as local, safe_open(local, framework="numpy") as f:
       meta = f.metadata() or {}
       tensors = {k: f.get_tensor(k) for k in f.keys()}
   except Exception as e:  # safetensors' own SafetensorError is neither OSError nor ValueError
