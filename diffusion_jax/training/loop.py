@@ -297,9 +297,13 @@ class _NonFinite:
   def __init__(self, tc, mngr):
     self.mode, self.limit, self.mngr = tc.on_nonfinite, tc.max_nonfinite, mngr
     self.run = 0  # consecutive non-finite steps so far
+    self.checked = 0  # the last step read (a log interval may be read twice)
 
   def check(self, pending) -> None:
-    flags = [(s, int(_first(m["nonfinite"]))) for s, m in pending]
+    flags = [(s, int(_first(m["nonfinite"]))) for s, m in pending if s > self.checked]
+    if not flags:
+      return
+    self.checked = flags[-1][0]
     bad = [s for s, f in flags if f]
     if self.mode == "stop" and bad:
       self.mngr.wait_until_finished()
