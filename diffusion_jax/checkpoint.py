@@ -103,8 +103,7 @@ def set_aside(mngr: ocp.CheckpointManager, step: int) -> str:
   src = io.path(mngr.directory) / str(step)
   dst = io.path(mngr.directory).parent / "damaged_checkpoints" / f"{step}-{uuid.uuid4().hex[:8]}"
   if jax.process_index() == 0:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    src.rename(dst)
+    io.move_tree(src, dst)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"set_aside_{step}")
   mngr.reload()

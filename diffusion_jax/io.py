@@ -71,6 +71,26 @@ def upload_tree(local_dir: PathLike, dst: PathLike) -> None:
         write_atomic(path(dst) / os.path.relpath(src, local_dir), f.read())
 
 
+def move_tree(src: PathLike, dst: PathLike) -> epath.Path:
+  """Moves the directory src to dst (which must not exist): a rename locally; on cloud
+  storage, which has no rename, every object copied and then the source deleted."""
+  src, dst = path(src), path(dst)
+  if not is_remote(src) and not is_remote(dst):
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dst)
+    return dst
+  def copy(a, b):  # one listing per folder (cloud storage refuses `**` globs)
+    for f in a.iterdir():
+      if f.is_dir():
+        copy(f, b / f.name)
+      else:
+        b.mkdir(parents=True, exist_ok=True)
+        (b / f.name).write_bytes(f.read_bytes())
+  copy(src, dst)
+  src.rmtree()
+  return dst
+
+
 def write_atomic(p: PathLike, data: bytes | str) -> epath.Path:
   """Writes data (bytes, or str as UTF-8) to p so that a reader sees either the old
   file or the whole new one, never a torn one: a uniquely named temporary beside it,

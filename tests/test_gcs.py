@@ -294,3 +294,23 @@ def test_report_and_adapter_specs_take_uris(gcs_server):
   assert common.adapter_files([f"{workdir}/adapters/4.safetensors",
                                f"{workdir}/adapters/4.safetensors:0.5"]) == [
       (f"{workdir}/adapters/4.safetensors", 1.0), (f"{workdir}/adapters/4.safetensors", 0.5)]
+
+
+def test_an_unreadable_checkpoint_is_moved_aside_in_a_bucket(gcs_server, tmp_path):
+  """`checkpoint.set_aside` (a resume past an unreadable checkpoint) on storage without
+  rename: every object of the step lands under damaged_checkpoints/, the step is gone
+  from the manager, and the older checkpoint stays."""
+  import jax.numpy as jnp
+  from diffusion_jax import checkpoint
+  workdir = f"gs://{gcs_server.bucket}/aside/run"
+  mngr = checkpoint.manager(workdir, async_save=False)
+  for step in (4, 8):
+    checkpoint.save(mngr, step, {"w": jnp.full(3, float(step))}, {"next_index": step}, {})
+  before = {o[len("aside/run/checkpoints/8/"):] for o in gcs_server.objects("aside/run/checkpoints/8/")}
+  moved = checkpoint.set_aside(mngr, 8)
+  assert mngr.all_steps() == [4]
+  assert moved.startswith(f"{workdir}/damaged_checkpoints/8-")
+  prefix = moved[len(f"gs://{gcs_server.bucket}/"):] + "/"
+  assert {o[len(prefix):] for o in gcs_server.objects(prefix)} == before and before
+  assert not gcs_server.objects("aside/run/checkpoints/8/")
+  mngr.close()
