@@ -61,14 +61,29 @@ def local_file(p: PathLike):
     yield local
 
 
+def move_file(local: PathLike, dst: PathLike) -> epath.Path:
+  """Moves the local file `local` to dst: a rename when dst is local (the same
+  filesystem), else one streamed whole-object upload, then the local file removed.
+  For files a library writes only locally (array_record shards, profiler traces)."""
+  dst = path(dst)
+  if not is_remote(dst):
+    os.replace(local, dst)
+    return dst
+  with open(local, "rb") as r, dst.open("wb") as w:
+    shutil.copyfileobj(r, w)
+  os.remove(local)
+  return dst
+
+
 def upload_tree(local_dir: PathLike, dst: PathLike) -> None:
-  """Copies every file under the local directory `local_dir` to the same relative path
-  under `dst` (local or cloud), one whole-file write each."""
+  """Moves every file under the local directory `local_dir` to the same relative path
+  under `dst` (local or cloud; `move_file`)."""
   for dirpath, _, files in os.walk(local_dir):
     for name in files:
       src = os.path.join(dirpath, name)
-      with open(src, "rb") as f:
-        write_atomic(path(dst) / os.path.relpath(src, local_dir), f.read())
+      target = path(dst) / os.path.relpath(src, local_dir)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      move_file(src, target)
 
 
 def move_tree(src: PathLike, dst: PathLike) -> epath.Path:

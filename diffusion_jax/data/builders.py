@@ -20,7 +20,6 @@ i-th example of that split in the original array.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 
 import numpy as np
@@ -187,13 +186,7 @@ def install_files(staging: str | os.PathLike, output_dir: str | os.PathLike) -> 
   output_dir = io.path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   for f in sorted(os.listdir(staging), key=lambda f: (f == "dataset_info.json", f)):
-    src = os.path.join(staging, f)
-    if io.is_remote(output_dir):
-      with open(src, "rb") as r, (output_dir / f).open("wb") as w:
-        shutil.copyfileobj(r, w)
-      os.remove(src)
-    else:
-      os.replace(src, output_dir / f)
+    io.move_file(os.path.join(staging, f), output_dir / f)
 
 
 def prepare(name: str, data_dir: str | os.PathLike | None = None):

@@ -460,11 +460,7 @@ def _write_chunk(path, scratch, kept, arrays, out_features, serializer) -> int:
     finally:
       writer.close()
     size = os.path.getsize(tmp)
-    if io.is_remote(path):
-      with open(tmp, "rb") as r, path.open("wb") as w:
-        shutil.copyfileobj(r, w)
-    else:
-      os.replace(tmp, path)
+    io.move_file(tmp, path)
     return size
   finally:
     if os.path.exists(tmp):

@@ -300,7 +300,8 @@ class _NonFinite:
     self.checked = 0  # the last step read (a log interval may be read twice)
 
   def check(self, pending) -> None:
-    flags = [(s, int(_first(m["nonfinite"]))) for s, m in pending if s > self.checked]
+    new = [(s, m["nonfinite"]) for s, m in pending if s > self.checked]
+    flags = [(s, int(_first(f))) for (s, _), f in zip(new, jax.device_get([f for _, f in new]))]
     if not flags:
       return
     self.checked = flags[-1][0]

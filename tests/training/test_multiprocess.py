@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import _FAST_COMPILE, ROOT, TINY_FLAGS
+from diffusion_jax import writers
 
 STEPS = 6
 TIMEOUT_S = 300
@@ -90,7 +91,6 @@ def _wait_all(procs, timeout):
 
 
 def _losses(workdir):
-  from diffusion_jax import writers
   rows = writers.read_metrics(workdir)
   assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
   return np.array([r["loss"] for r in rows])
@@ -146,23 +146,9 @@ def test_sigterm_to_both_processes_saves_one_agreed_step(data_dir, tmp_path):
   checkpoint of it together, and exit 0. (The fast default test of the same logic:
   tests/training/test_resume_safety.py::test_multiprocess_preemption_uses_jax_sync_point.)"""
   w = str(tmp_path / "two")
-  port = _free_port()
-  procs = [_start(w, data_dir, tmp_path / f"process{i}.log", devices=1,
-                  extra=(f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                         f"--process_id={i}", "--cpu_collectives=gloo",
-                         "--config.train.num_steps=100000", "--config.train.checkpoint_every=0",
-                         "--config.sample.per_class=0"))
-           for i in range(2)]
-  metrics = os.path.join(w, "metrics.jsonl")
-  deadline = time.monotonic() + TIMEOUT_S
-  while time.monotonic() < deadline and all(p.poll() is None for p in procs):
-    if os.path.exists(metrics) and os.path.getsize(metrics) > 0:
-      break
-    time.sleep(0.1)
-  time.sleep(1.0)  # a few steps further: mid-training
-  for p in procs:
-    p.send_signal(signal.SIGTERM)
-  _wait_all(procs, TIMEOUT_S)  # fails unless both exit 0
+  procs = _sigterm_two_processes(
+      w, data_dir, tmp_path, settle=1.0,  # a few steps past the first metrics row
+      ready=lambda rows: bool(rows))
   saved = [int(d) for d in os.listdir(os.path.join(w, "checkpoints")) if d.isdigit()]
   assert len(saved) == 1 and 0 < saved[0] < 100000, saved
   print(f"SIGTERM to both: exit codes {[p.returncode for p in procs]}, saved step {saved[0]}")
@@ -179,25 +165,12 @@ def test_sigterm_during_an_evaluation_saves_on_both_processes(data_dir, tmp_path
   one: 4,000 samples): they abandon it at the same batch (JAX's sync point, asked
   between batches), save step 3 together and exit 0; no eval/3.json is written."""
   w = str(tmp_path / "two")
-  port = _free_port()
-  procs = [_start(w, data_dir, tmp_path / f"process{i}.log", devices=1,
-                  extra=(f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                         f"--process_id={i}", "--cpu_collectives=gloo",
-                         "--config.train.num_steps=100000", "--config.train.checkpoint_every=0",
-                         "--config.sample.per_class=0", "--config.eval.every=3",
-                         "--config.eval.metrics=fd", "--config.eval.pixel_features=True",
-                         "--config.eval.num_samples=4000", "--config.eval.batch_size=16"))
-           for i in range(2)]
-  metrics = os.path.join(w, "metrics.jsonl")
-  deadline = time.monotonic() + TIMEOUT_S
-  while time.monotonic() < deadline and all(p.poll() is None for p in procs):
-    if os.path.exists(metrics) and any(r["step"] == 3 for r in _rows(metrics)):
-      break
-    time.sleep(0.1)
-  time.sleep(2.0)  # into the evaluation of step 3
-  for p in procs:
-    p.send_signal(signal.SIGTERM)
-  _wait_all(procs, TIMEOUT_S)
+  procs = _sigterm_two_processes(
+      w, data_dir, tmp_path, settle=2.0,  # into the evaluation of step 3
+      ready=lambda rows: any(r["step"] == 3 for r in rows),
+      extra=("--config.eval.every=3", "--config.eval.metrics=fd",
+             "--config.eval.pixel_features=True", "--config.eval.num_samples=4000",
+             "--config.eval.batch_size=16"))
   saved = [int(d) for d in os.listdir(os.path.join(w, "checkpoints")) if d.isdigit()]
   assert saved == [3], saved
   for p in procs:
@@ -207,6 +180,25 @@ def test_sigterm_during_an_evaluation_saves_on_both_processes(data_dir, tmp_path
   assert not os.path.exists(os.path.join(w, "eval", "3.json"))
 
 
-def _rows(path):
-  from diffusion_jax import writers
-  return writers.read_metrics(path)
+def _sigterm_two_processes(w, data_dir, tmp_path, *, ready, settle, extra=()):
+  """Starts a two-process run in w (100,000 steps, no periodic checkpoints or grids),
+  waits until ready(metrics rows) and `settle` seconds more, sends SIGTERM to both and
+  waits for them (failing unless both exit 0). Returns the processes."""
+  port = _free_port()
+  procs = [_start(w, data_dir, tmp_path / f"process{i}.log", devices=1,
+                  extra=(f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                         f"--process_id={i}", "--cpu_collectives=gloo",
+                         "--config.train.num_steps=100000", "--config.train.checkpoint_every=0",
+                         "--config.sample.per_class=0", *extra))
+           for i in range(2)]
+  metrics = os.path.join(w, "metrics.jsonl")
+  deadline = time.monotonic() + TIMEOUT_S
+  while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+    if os.path.exists(metrics) and ready(writers.read_metrics(metrics)):
+      break
+    time.sleep(0.1)
+  time.sleep(settle)
+  for p in procs:
+    p.send_signal(signal.SIGTERM)
+  _wait_all(procs, TIMEOUT_S)
+  return procs
